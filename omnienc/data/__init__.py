@@ -1,0 +1,1 @@
+"""Datasets that feed the shared encoder: volume folders, labelled pairs, MedMNIST, MedSegBench."""

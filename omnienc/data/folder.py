@@ -1,0 +1,361 @@
+"""``VolumeFolder``: every readable volume below a folder, preprocessed once and cached on disk.
+
+The scan is recursive and never follows symbolic links into loops. DICOM files are grouped into
+series (one volume per series); everything else with a suffix :func:`omnienc.io.read_volume`
+knows is one volume. Unreadable files are skipped with one warning each and counted in a summary:
+one bad file never stops a run. Label maps (integer volumes with few values, or named like
+segmentations) are listed in the manifest but not served as images unless asked.
+
+Preprocessed arrays are cached under ``cache_dir`` (default ``$OMNIENC_CACHE`` or
+``~/.cache/omnienc``), keyed by the file's content and the preprocessing parameters, and written
+atomically; a corrupt cache entry is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from omnienc.atomic import atomic_target
+from omnienc.errors import DataError, OmniencError
+from omnienc.io import (
+    DICOM_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    file_suffix,
+    list_dicom_series,
+    read_volume,
+)
+from omnienc.preprocessing import Preprocessing
+from omnienc.transforms import preprocess_volume
+
+logger = logging.getLogger("omnienc")
+
+CACHE_VERSION = 1
+CACHE_ENV = "OMNIENC_CACHE"
+
+# Name tokens of segmentations (BIDS dseg, FreeSurfer aseg/aparc/wm/ribbon, "seg", "label", ...).
+_LABEL_TOKENS = {
+    "seg",
+    "dseg",
+    "pveseg",
+    "label",
+    "labels",
+    "labelmap",
+    "mask",
+    "aseg",
+    "aparc",
+    "wmparc",
+    "parc",
+    "ribbon",
+    "filled",
+    "wm",
+}
+# An integer volume with at most this many values is a label map whatever its name.
+_LABEL_MAX_VALUES = 64
+# With a segmentation-like name, up to this many values (FreeSurfer parcellations have ~190).
+_NAMED_LABEL_MAX_VALUES = 1024
+
+
+def default_cache_dir() -> Path:
+    """``$OMNIENC_CACHE`` or ``~/.cache/omnienc``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "omnienc"
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """Where one volume comes from: a file, or a DICOM folder and one of its series."""
+
+    path: Path
+    series_uid: str | None = None
+    files: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return str(self.path) + (f" [series {self.series_uid}]" if self.series_uid else "")
+
+
+@dataclass
+class ManifestEntry:
+    """One readable volume of a :class:`VolumeFolder`.
+
+    Attributes:
+        source: File or DICOM folder (as a string, for JSON).
+        series_uid: DICOM SeriesInstanceUID when ``source`` is a folder.
+        kind: ``image`` or ``label``.
+        modality: ``CT``, ``MR``, ``PET`` or ``unknown`` and how it was found.
+        shape: Native ``(X, Y, Z)`` in RAS order; ``spacing`` its voxel size in mm.
+        intensity: ``(min, max)`` of the native voxels.
+        preprocessed_shape: ``(X, Y, Z)`` after preprocessing.
+        cache_file: The cached ``.npz`` with the preprocessed image.
+    """
+
+    source: str
+    series_uid: str | None
+    kind: str
+    modality: str
+    modality_source: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    intensity: tuple[float, float]
+    preprocessed_shape: tuple[int, int, int]
+    cache_file: str
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if file_suffix(path) in DICOM_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def find_volume_sources(root: Path) -> tuple[list[VolumeSource], int]:
+    """List the volumes below ``root``.
+
+    Args:
+        root: A folder.
+
+    Returns:
+        ``(sources, n_ignored)``: volume sources in a stable order, and how many files with
+        other suffixes were passed over.
+    """
+    sources: list[VolumeSource] = []
+    ignored = 0
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+        folder = Path(dirpath)
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dicom_plain: list[Path] = []
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = folder / name
+            if file_suffix(path) == ".dcm.gz":
+                sources.append(VolumeSource(path))
+            elif _is_dicom_file(path):
+                dicom_plain.append(path)
+            elif file_suffix(path) in SUPPORTED_SUFFIXES:
+                sources.append(VolumeSource(path))
+            else:
+                ignored += 1
+        if dicom_plain:
+            series = list_dicom_series(folder)
+            grouped = {f for _, files in series for f in files}
+            for uid, files in series:
+                if len(files) == 1:
+                    sources.append(VolumeSource(Path(files[0])))
+                else:
+                    sources.append(VolumeSource(folder, uid or None, tuple(files)))
+            # DICOM files GDCM cannot place in a series are tried one by one (and reported).
+            sources.extend(VolumeSource(p) for p in dicom_plain if str(p) not in grouped)
+    return sources, ignored
+
+
+def _content_hash(source: VolumeSource) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    files = source.files or (str(source.path),)
+    for name in files:
+        h.update(os.path.basename(name).encode())
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def is_label_map(array: np.ndarray, path: Path) -> bool:
+    """Whether a volume looks like a segmentation rather than an image.
+
+    Integer-valued volumes with at most 64 distinct values are label maps; so are integer
+    volumes with up to 1024 values whose name has a segmentation token (``seg``, ``label``,
+    ``mask``, ``aseg``, ``aparc``, ``wm``, ...).
+    """
+    sample = array.reshape(-1)[:: max(1, array.size // 1_000_000)]
+    if not np.array_equal(sample, np.round(sample)):
+        return False
+    n_values = len(np.unique(sample))
+    if n_values <= _LABEL_MAX_VALUES:
+        return True
+    stem = path.name.lower()
+    tokens = set(re.split(r"[^a-z0-9]+", stem))
+    return bool(tokens & _LABEL_TOKENS) and n_values <= _NAMED_LABEL_MAX_VALUES
+
+
+def _save_npz_atomic(path: Path, **arrays: Any) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+class VolumeFolder(Dataset):
+    """Unlabelled volumes below a folder, preprocessed and cached.
+
+    Args:
+        root: Folder to scan recursively.
+        preprocessing: Parameters of the deterministic pipeline.
+        cache_dir: Where preprocessed arrays go (default :func:`default_cache_dir`).
+        include_labels: Also serve label maps as images (they are always in the manifest).
+        frame: Frame to take from 4D files; ``None`` skips 4D files with a warning.
+        min_size: Skip volumes smaller than this along any axis after preprocessing.
+        progress: Show a progress bar while scanning.
+
+    Raises:
+        DataError: ``root`` is missing, not a folder, or holds no readable volume.
+
+    Items are ``{"image": (1, X, Y, Z) float32 tensor, "affine": (4, 4) float64 array,
+    "modality": str, "id": str}``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        preprocessing: Preprocessing | None = None,
+        cache_dir: str | Path | None = None,
+        include_labels: bool = False,
+        frame: int | None = None,
+        min_size: int = 1,
+        progress: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DataError(self.root, "no such folder")
+        if not self.root.is_dir():
+            raise DataError(self.root, "is a file; VolumeFolder scans a folder")
+        self.preprocessing = preprocessing or Preprocessing()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.frame = frame
+        self.min_size = min_size
+        self.manifest: list[ManifestEntry] = []
+        self.skipped: list[tuple[str, str]] = []
+        sources, self.n_ignored = find_volume_sources(self.root)
+        for source in tqdm(
+            sources, desc=f"scanning {self.root.name}", disable=not progress, unit="vol"
+        ):
+            try:
+                self.manifest.append(self._prepare(source))
+            except OmniencError as exc:
+                self.skipped.append((str(source), str(exc)))
+                logger.warning("skipping %s", exc)
+            except (OSError, ValueError, RuntimeError) as exc:  # a library failed on a bad file
+                self.skipped.append((str(source), f"{source}: {type(exc).__name__}: {exc}"))
+                logger.warning("skipping %s: %s: %s", source, type(exc).__name__, exc)
+        self.entries = [
+            e
+            for e in self.manifest
+            if (include_labels or e.kind == "image") and min(e.preprocessed_shape) >= min_size
+        ]
+        logger.info("%s", self.summary())
+        if not self.entries:
+            raise DataError(self.root, f"no usable volume found ({self.summary()})")
+
+    def summary(self) -> str:
+        """One line: volumes found, used, label maps, too small, skipped, other files."""
+        n_labels = sum(e.kind == "label" for e in self.manifest)
+        n_small = sum(min(e.preprocessed_shape) < self.min_size for e in self.manifest)
+        entries = getattr(self, "entries", [])
+        return (
+            f"{self.root}: {len(self.manifest)} volumes read, {len(entries)} used, "
+            f"{n_labels} label maps, {n_small} smaller than {self.min_size} voxels, "
+            f"{len(self.skipped)} unreadable skipped, {self.n_ignored} other files ignored"
+        )
+
+    def _key(self, source: VolumeSource) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        params = {
+            "version": CACHE_VERSION,
+            "content": _content_hash(source),
+            "series": source.series_uid,
+            "frame": self.frame,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+        h.update(json.dumps(params, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def _prepare(self, source: VolumeSource) -> ManifestEntry:
+        key = self._key(source)
+        cache_file = self.cache_dir / f"{key}.npz"
+        if cache_file.exists():
+            try:
+                with np.load(cache_file, allow_pickle=False) as z:
+                    entry = ManifestEntry(**json.loads(str(z["entry"])))
+                entry.source, entry.cache_file = str(source.path), str(cache_file)
+                return entry
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+                logger.warning("corrupt cache entry %s (%s); rebuilding it", cache_file, exc)
+        volume = read_volume(source.path, series_uid=source.series_uid, frame=self.frame)
+        lo, hi = float(volume.array.min()), float(volume.array.max())
+        if lo == hi:
+            raise DataError(
+                source.path, f"constant volume (every voxel is {lo:g}): nothing to learn"
+            )
+        kind = "label" if is_label_map(volume.array, source.path) else "image"
+        if kind == "label":
+            # Label maps are listed, not normalised: keep them on their native grid.
+            image = volume.array[None]
+            affine = volume.affine
+        else:
+            out = preprocess_volume(volume, self.preprocessing)
+            image, affine = out["image"], out["affine"]
+        entry = ManifestEntry(
+            source=str(source.path),
+            series_uid=source.series_uid,
+            kind=kind,
+            modality=volume.modality,
+            modality_source=volume.modality_source,
+            shape=volume.shape,
+            spacing=tuple(round(s, 6) for s in volume.spacing),  # type: ignore[arg-type]
+            intensity=(lo, hi),
+            preprocessed_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
+            cache_file=str(cache_file),
+        )
+        _save_npz_atomic(
+            cache_file,
+            image=image.astype(np.float32, copy=False),
+            affine=affine,
+            entry=np.array(json.dumps(asdict(entry))),
+        )
+        return entry
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry = self.entries[index]
+        with np.load(entry.cache_file, allow_pickle=False) as z:
+            image, affine = z["image"], z["affine"]
+        return {
+            "image": torch.from_numpy(image),
+            "affine": affine,
+            "modality": entry.modality,
+            "id": entry.source + (f"#{entry.series_uid}" if entry.series_uid else ""),
+        }
+
+    def manifest_rows(self) -> list[dict[str, Any]]:
+        """The manifest as plain dicts (for tables, CSV or JSON)."""
+        return [asdict(e) for e in self.manifest]

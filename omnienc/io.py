@@ -1,0 +1,485 @@
+"""Read and write 3D medical volumes: ``read_volume(path) -> Volume``.
+
+Every reader returns the voxel array in canonical RAS+ axis order (the first array axis points to
+the subject's Right, the second Anterior, the third Superior; nibabel's
+``as_closest_canonical``), as float32, with its 4x4 voxel-to-world affine (RAS+ world, mm), the
+voxel size in mm, and the modality.
+
+Formats:
+    NIfTI (``.nii``, ``.nii.gz``), MGH/MGZ and ECAT (``.v``) through nibabel; MetaImage
+    (``.mha``/``.mhd``), NRRD (``.nrrd``/``.nhdr``) through SimpleITK; a DICOM series folder, a
+    single or multi-frame DICOM file (``.dcm``, also gzipped ``.dcm.gz``) through SimpleITK/GDCM,
+    which also decodes JPEG 2000 pixel data.
+
+Every problem raises :class:`~omnienc.errors.VolumeReadError`, whose message names the file and
+what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from nibabel import orientations
+
+from omnienc.atomic import atomic_target
+from omnienc.errors import VolumeReadError
+from omnienc.preprocessing import MODALITIES
+
+# SimpleITK prints ITK warnings (e.g. "No Series were found") straight to stderr; we raise instead.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
+
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz", ".v")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+DICOM_SUFFIXES = (".dcm", ".dcm.gz", ".dicom", ".ima")
+SUPPORTED_SUFFIXES = NIBABEL_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
+
+# A header may not claim more voxels than this (4 GiB as float32) unless the caller raises it.
+DEFAULT_MAX_VOXELS = 2**30
+
+# (1, 1, 1) -> identity: flips LPS (ITK's world) to RAS (nibabel's world).
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# BIDS-style and common name tokens that state the modality outright.
+_NAME_TOKENS = {
+    "CT": ("ct",),
+    "PET": ("pet",),
+    "MR": (
+        "mr",
+        "mri",
+        "t1",
+        "t1w",
+        "t2",
+        "t2w",
+        "flair",
+        "pd",
+        "pdw",
+        "dwi",
+        "bold",
+        "asl",
+        "mra",
+        "epi",
+        "func",
+    ),
+}
+
+
+@dataclass
+class Volume:
+    """A 3D image in canonical RAS+ axis order.
+
+    Attributes:
+        array: ``(X, Y, Z)`` float32 voxels; axis 0 points Right, 1 Anterior, 2 Superior.
+        affine: ``(4, 4)`` float64 voxel-to-world (RAS+, mm) matrix of ``array``.
+        spacing: Voxel size in mm along the three array axes.
+        modality: ``"CT"``, ``"MR"``, ``"PET"`` or ``"unknown"``.
+        modality_source: How the modality was found: ``given``, ``dicom``, ``format``,
+            ``intensity``, ``filename`` or ``none``.
+        source: The file or DICOM folder it was read from.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    modality: str
+    modality_source: str
+    source: Path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)`` voxel counts."""
+        x, y, z = self.array.shape
+        return int(x), int(y), int(z)
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the array, ``"RAS"`` for everything :func:`read_volume` returns."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def file_suffix(path: Path) -> str:
+    """Lower-case suffix, with ``.nii.gz`` and ``.dcm.gz`` kept whole."""
+    name = path.name.lower()
+    for s in (".nii.gz", ".dcm.gz"):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def is_volume_path(path: Path) -> bool:
+    """Whether ``path`` is a file with a suffix :func:`read_volume` knows."""
+    return path.is_file() and file_suffix(path) in SUPPORTED_SUFFIXES
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm: the column norms of the affine's 3x3 part."""
+    sx, sy, sz = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return float(sx), float(sy), float(sz)
+
+
+def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder/flip the first three axes to the closest canonical RAS+ orientation.
+
+    Args:
+        array: ``(X, Y, Z, ...)`` voxels indexed as ``affine`` describes.
+        affine: ``(4, 4)`` voxel-to-RAS-world matrix.
+
+    Returns:
+        The reoriented array and its affine (the same reorientation nibabel's
+        ``as_closest_canonical`` applies).
+    """
+    ornt = orientations.io_orientation(affine)
+    target = orientations.axcodes2ornt(("R", "A", "S"))
+    transform = orientations.ornt_transform(ornt, target)
+    if np.array_equal(transform, target):
+        return array, affine
+    out = orientations.apply_orientation(array, transform)
+    new_affine = affine @ orientations.inv_ornt_aff(transform, array.shape[:3])
+    return out, new_affine
+
+
+def _select_3d(array: np.ndarray, path: Path, frame: int | None) -> np.ndarray:
+    """Reduce an N-d array to 3D: drop trailing singleton axes, pick ``frame`` from a 4D one."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim < 3:
+        raise VolumeReadError(
+            path, f"is {array.ndim}D (shape {array.shape}); omnienc expects a 3D volume"
+        )
+    if array.ndim == 3:
+        if frame not in (None, 0):
+            raise VolumeReadError(path, f"is 3D (shape {array.shape}); frame={frame} is invalid")
+        return array
+    if array.ndim > 4:
+        raise VolumeReadError(
+            path, f"is {array.ndim}D (shape {array.shape}); omnienc expects a 3D volume"
+        )
+    n = array.shape[3]
+    if frame is None:
+        raise VolumeReadError(
+            path,
+            f"is 4D with {n} frames (shape {array.shape}); pass frame=0..{n - 1} to choose one "
+            "(omnienc never picks a frame silently)",
+        )
+    if not 0 <= frame < n:
+        raise VolumeReadError(path, f"frame={frame} is out of range: the file has {n} frames")
+    return np.asarray(array[..., frame])
+
+
+def _check_size(shape: tuple[int, ...], path: Path, max_voxels: int) -> None:
+    if any(int(s) < 0 for s in shape):
+        raise VolumeReadError(path, f"header declares a negative size {tuple(shape)}")
+    n = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if n > max_voxels:
+        raise VolumeReadError(
+            path,
+            f"header declares {tuple(int(s) for s in shape)} = {n:,} voxels, more than the "
+            f"limit of {max_voxels:,} (pass max_voxels= to raise it); refusing to allocate",
+        )
+
+
+def _check_finite(array: np.ndarray, path: Path) -> None:
+    bad = ~np.isfinite(array)
+    if bad.any():
+        n_nan = int(np.isnan(array).sum())
+        n_inf = int(bad.sum()) - n_nan
+        raise VolumeReadError(
+            path, f"contains non-finite voxels ({n_nan:,} NaN, {n_inf:,} Inf of {array.size:,})"
+        )
+
+
+def _read_nibabel(path: Path, frame: int | None, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img: Any = nib.ecat.load(path) if file_suffix(path) == ".v" else nib.load(path)
+    except Exception as exc:
+        raise VolumeReadError(path, f"unreadable header ({type(exc).__name__}: {exc})") from exc
+    shape = tuple(int(s) for s in img.shape)
+    _check_size(shape, path, max_voxels)
+    if file_suffix(path) in (".nii", ".mgh"):
+        # Uncompressed: the file must hold every voxel the header promises.
+        expected = int(np.prod(shape)) * img.get_data_dtype().itemsize
+        offset = int(getattr(img.dataobj, "offset", 0))
+        actual = path.stat().st_size
+        if actual < offset + expected:
+            raise VolumeReadError(
+                path,
+                f"truncated: header promises {expected:,} bytes of voxels after offset "
+                f"{offset}, the file has {actual - offset:,}",
+            )
+    try:
+        array = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise VolumeReadError(
+            path, f"truncated or corrupt voxel data ({type(exc).__name__}: {exc})"
+        ) from exc
+    array = _select_3d(array, path, frame)
+    return array, np.asarray(img.affine, dtype=np.float64)
+
+
+def _sitk_to_ras_arrays(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image -> (array indexed (i, j, k[, t]), RAS affine)."""
+    dim = image.GetDimension()
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise VolumeReadError(path, "has vector pixels (e.g. RGB); omnienc expects scalar volumes")
+    array = sitk.GetArrayFromImage(image)  # (k, j, i) or (t, k, j, i)
+    array = np.transpose(array, tuple(range(dim - 1, -1, -1)))
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing[None, :]
+    affine[:3, 3] = origin
+    return array, _LPS_TO_RAS @ affine
+
+
+def _sitk_size_check(reader: sitk.ImageFileReader, path: Path, max_voxels: int) -> None:
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise VolumeReadError(path, f"unreadable header ({_itk_message(exc)})") from exc
+    _check_size(tuple(reader.GetSize()), path, max_voxels)
+
+
+def _itk_message(exc: Exception) -> str:
+    """The useful last line of an ITK exception (they carry C++ file/line noise)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if not ln.startswith(("itk::", "ITK ", "sitk::")) and "line " not in ln[:60]:
+            return re.sub(r"\s+", " ", ln)[:300]
+    return re.sub(r"\s+", " ", str(exc))[:300]
+
+
+@contextmanager
+def _plain_dicom(path: Path) -> Iterator[Path]:
+    """Yield a readable path for ``path``; a ``.dcm.gz`` is decompressed to a temp file."""
+    if file_suffix(path) != ".dcm.gz":
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(suffix=".dcm")
+    try:
+        with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
+            shutil.copyfileobj(src, out)
+        yield Path(tmp)
+    except (OSError, EOFError) as exc:
+        raise VolumeReadError(path, f"truncated or corrupt gzip stream ({exc})") from exc
+    finally:
+        os.unlink(tmp)
+
+
+def _dicom_modality(reader: sitk.ImageFileReader | sitk.Image) -> str | None:
+    key = "0008|0060"
+    if reader.HasMetaDataKey(key):
+        value = reader.GetMetaData(key).strip().upper()
+        if value in ("CT", "MR"):
+            return value
+        if value in ("PT", "PET", "NM"):
+            return "PET"
+    return None
+
+
+def _read_sitk_file(
+    path: Path, frame: int | None, max_voxels: int
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    with _plain_dicom(path) as readable:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(readable))
+        _sitk_size_check(reader, path, max_voxels)
+        modality = _dicom_modality(reader) if file_suffix(path) in DICOM_SUFFIXES else None
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise VolumeReadError(
+                path, f"truncated or corrupt voxel data ({_itk_message(exc)})"
+            ) from exc
+    array, affine = _sitk_to_ras_arrays(image, path)
+    return _select_3d(array, path, frame), affine, modality
+
+
+def list_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
+    """DICOM series in ``folder`` (not recursive): ``[(series_uid, [file, ...]), ...]``."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    return [
+        (uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))) for uid in ids
+    ]
+
+
+def _read_dicom_folder(
+    folder: Path, series_uid: str | None, frame: int | None, max_voxels: int
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    series = list_dicom_series(folder)
+    if not series:
+        raise VolumeReadError(folder, "folder holds no readable DICOM series")
+    if series_uid is not None:
+        series = [s for s in series if s[0] == series_uid]
+        if not series:
+            raise VolumeReadError(folder, f"no DICOM series with SeriesInstanceUID {series_uid}")
+    if len(series) > 1:
+        uids = ", ".join(f"{uid or '(no uid)'} ({len(f)} files)" for uid, f in series)
+        raise VolumeReadError(
+            folder,
+            f"mixed DICOM series: the folder holds {len(series)} series [{uids}]; "
+            "pass series_uid= or give each series its own folder",
+        )
+    files = series[0][1]
+    if len(files) == 1:
+        return _read_sitk_file(Path(files[0]), frame, max_voxels)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    try:
+        first.ReadImageInformation()
+    except RuntimeError as exc:
+        raise VolumeReadError(Path(files[0]), f"unreadable DICOM ({_itk_message(exc)})") from exc
+    w, h = first.GetSize()[:2]
+    _check_size((w, h, len(files)), folder, max_voxels)
+    modality = _dicom_modality(first)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise VolumeReadError(folder, f"DICOM series unreadable ({_itk_message(exc)})") from exc
+    array, affine = _sitk_to_ras_arrays(image, folder)
+    return _select_3d(array, folder, frame), affine, modality
+
+
+def infer_modality(array: np.ndarray, path: Path) -> tuple[str, str]:
+    """Guess the modality of a non-DICOM volume from its name, then its intensities.
+
+    Rules, in order: a name token (BIDS suffixes such as ``T1w``, ``pet``, or ``ct``/``mr``
+    between separators) states it; a minimum at air in Hounsfield units (-900 or below, not
+    beyond -3100) together with a maximum above 200 is CT; otherwise ``unknown`` (raw MR and
+    PET intensities and rescaled CT look alike, so omnienc does not guess).
+
+    Returns:
+        ``(modality, source)``, source being ``filename``, ``intensity`` or ``none``.
+    """
+    tokens = set(re.split(r"[^a-z0-9]+", path.name.lower()))
+    for modality, names in _NAME_TOKENS.items():
+        if tokens & set(names):
+            return modality, "filename"
+    lo, hi = float(array.min()), float(array.max())
+    if -3100.0 <= lo <= -900.0 and hi >= 200.0:
+        return "CT", "intensity"
+    return "unknown", "none"
+
+
+def read_volume(
+    path: str | Path,
+    modality: str | None = None,
+    *,
+    frame: int | None = None,
+    series_uid: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> Volume:
+    """Read a 3D volume in canonical RAS+ order.
+
+    Args:
+        path: A volume file, or a folder holding one DICOM series.
+        modality: ``CT``, ``MR``, ``PET`` or ``unknown`` to state it; ``None`` infers it from the
+            DICOM Modality tag, the format (ECAT is PET), the file name, or the intensity range.
+        frame: Which frame of a 4D file to read. 4D files without it are an error.
+        series_uid: Which series of a DICOM folder holding several.
+        max_voxels: Largest voxel count a header may declare; checked before allocating.
+
+    Returns:
+        The :class:`Volume`.
+
+    Raises:
+        VolumeReadError: Missing, empty, truncated or corrupt files, unsupported formats,
+            non-3D data, non-finite voxels, oversized headers, mixed DICOM series.
+    """
+    path = Path(path)
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if not path.exists():
+        raise VolumeReadError(path, "no such file or folder")
+    dicom_modality: str | None = None
+    if path.is_dir():
+        array, affine, dicom_modality = _read_dicom_folder(path, series_uid, frame, max_voxels)
+    else:
+        suffix = file_suffix(path)
+        if suffix not in SUPPORTED_SUFFIXES:
+            raise VolumeReadError(
+                path,
+                f"unsupported file type {suffix or '(no suffix)'!r}; omnienc reads "
+                + ", ".join(SUPPORTED_SUFFIXES)
+                + " and DICOM folders",
+            )
+        if path.stat().st_size == 0:
+            raise VolumeReadError(path, "empty file (0 bytes)")
+        if not os.access(path, os.R_OK):
+            raise VolumeReadError(path, "permission denied")
+        if suffix in NIBABEL_SUFFIXES:
+            array, affine = _read_nibabel(path, frame, max_voxels)
+        else:
+            array, affine, dicom_modality = _read_sitk_file(path, frame, max_voxels)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeReadError(path, f"degenerate voxel-to-world affine:\n{affine}")
+    array = np.asarray(array, dtype=np.float32)
+    _check_finite(array, path)
+    array, affine = _to_ras(array, affine)
+    array = np.ascontiguousarray(array)
+    if modality is not None:
+        source = "given"
+    elif dicom_modality is not None:
+        modality, source = dicom_modality, "dicom"
+    elif not path.is_dir() and file_suffix(path) == ".v":
+        modality, source = "PET", "format"
+    else:
+        modality, source = infer_modality(array, path)
+    return Volume(
+        array=array,
+        affine=affine,
+        spacing=spacing_from_affine(affine),
+        modality=modality,
+        modality_source=source,
+        source=path,
+    )
+
+
+def write_volume(
+    volume: Volume | np.ndarray,
+    path: str | Path,
+    affine: np.ndarray | None = None,
+    dtype: np.dtype | type | None = None,
+) -> Path:
+    """Write a volume as NIfTI (``.nii`` or ``.nii.gz``), atomically.
+
+    Args:
+        volume: A :class:`Volume`, or an ``(X, Y, Z)`` array together with ``affine``.
+        path: Output file; its suffix must be ``.nii`` or ``.nii.gz``.
+        affine: ``(4, 4)`` voxel-to-RAS matrix when ``volume`` is an array.
+        dtype: On-disk data type (e.g. ``np.uint8`` for label maps); float32 by default.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    if file_suffix(path) not in (".nii", ".nii.gz"):
+        raise VolumeReadError(path, "write_volume writes NIfTI only: use .nii or .nii.gz")
+    if isinstance(volume, Volume):
+        array, affine = volume.array, volume.affine
+    else:
+        if affine is None:
+            raise ValueError("write_volume needs affine= when given a bare array")
+        array = np.asarray(volume)
+    if array.ndim != 3:
+        raise ValueError(f"write_volume expects a 3D array, got shape {array.shape}")
+    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
+    img = nib.Nifti1Image(np.asarray(array).astype(out_dtype), np.asarray(affine, np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_target(path, suffix=file_suffix(path)) as tmp:
+        nib.save(img, tmp)
+    return path
