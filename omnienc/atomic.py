@@ -43,6 +43,8 @@ def atomic_target(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     try:
         yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{path}: the writer produced no file at {tmp}")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -8,11 +8,31 @@ exactly what it saw in pretraining. The MONAI pipeline built from it lives in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 # Modalities omnienc knows. ``unknown`` is normalised like MR (percentile clip + z-score).
 MODALITIES = ("CT", "MR", "PET", "unknown")
+
+
+def _floats(name: str, values: Any, n: int) -> tuple[float, ...]:
+    """``values`` as a tuple of ``n`` finite floats, or a ValueError naming ``name``."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {n} numbers, got {values!r}") from None
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be {n} finite numbers, got {values!r}")
+    return out
+
+
+def _ints(name: str, values: Any, n: int) -> tuple[int, ...]:
+    """``values`` as a tuple of ``n`` integers (integral floats allowed), or a ValueError."""
+    floats = _floats(name, values, n)
+    if any(v != int(v) for v in floats):
+        raise ValueError(f"{name} must be {n} integers, got {values!r}")
+    return tuple(int(v) for v in floats)
 
 
 @dataclass(frozen=True)
@@ -23,7 +43,8 @@ class Preprocessing:
         spacing: Target voxel size in mm (RAS axis order), or ``None`` to keep the native grid.
         ct_window: HU window ``(low, high)`` for CT; values are clipped to it and scaled to [0, 1].
         percentiles: Lower and upper percentile for MR/PET/unknown: the volume is clipped to
-            them, then z-scored over the foreground (non-zero voxels after clipping).
+            them, then z-scored with the statistics of the foreground (voxels above the lower
+            clip value).
         crop_foreground: Crop to the bounding box of the body (voxels above the background level)
             before padding/cropping to ``spatial_size``.
         foreground_margin: Margin in voxels kept around the foreground box.
@@ -39,21 +60,29 @@ class Preprocessing:
     spatial_size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
-            raise ValueError(f"spacing must be three positive numbers in mm, got {self.spacing}")
-        if self.ct_window[0] >= self.ct_window[1]:
-            raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window}")
-        lo, hi = self.percentiles
+        # Normalise types so that equal configs serialise (and key caches) identically.
+        if self.spacing is not None:
+            spacing = _floats("spacing", self.spacing, 3)
+            if min(spacing) <= 0:
+                raise ValueError(f"spacing must be three positive numbers in mm, got {spacing}")
+            object.__setattr__(self, "spacing", spacing)
+        window = _floats("ct_window", self.ct_window, 2)
+        if window[0] >= window[1]:
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {window}")
+        object.__setattr__(self, "ct_window", window)
+        lo, hi = _floats("percentiles", self.percentiles, 2)
         if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(
-                f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}"
-            )
-        if self.spatial_size is not None and (
-            len(self.spatial_size) != 3 or min(self.spatial_size) < 1
-        ):
-            raise ValueError(f"spatial_size must be three positive ints, got {self.spatial_size}")
-        if self.foreground_margin < 0:
-            raise ValueError(f"foreground_margin must be >= 0, got {self.foreground_margin}")
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {(lo, hi)}")
+        object.__setattr__(self, "percentiles", (lo, hi))
+        if self.spatial_size is not None:
+            size = _ints("spatial_size", self.spatial_size, 3)
+            if min(size) < 1:
+                raise ValueError(f"spatial_size must be three positive ints, got {size}")
+            object.__setattr__(self, "spatial_size", size)
+        (margin,) = _ints("foreground_margin", (self.foreground_margin,), 1)
+        if margin < 0:
+            raise ValueError(f"foreground_margin must be >= 0, got {margin}")
+        object.__setattr__(self, "foreground_margin", margin)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (tuples become lists)."""

@@ -9,7 +9,8 @@
 3. :class:`ModalityNormalized`: CT is clipped to the HU window and scaled to [0, 1]; MR, PET and
    unknown volumes are clipped to percentiles and z-scored with foreground statistics;
 4. ``CropForegroundd`` to the body (see :func:`select_foreground`);
-5. ``ResizeWithPadOrCropd`` to ``pre.spatial_size`` (images padded with their minimum).
+5. a symmetric pad (images with their minimum, labels with 0) and centre crop to
+   ``pre.spatial_size``.
 
 Randomness never lives here: random views belong to the pretext.
 """
@@ -24,12 +25,13 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
+    CenterSpatialCropd,
     Compose,
     CropForegroundd,
     MapTransform,
     Orientationd,
-    ResizeWithPadOrCropd,
     Spacingd,
+    SpatialPad,
     Transform,
 )
 
@@ -106,6 +108,25 @@ class ModalityNormalized(MapTransform):
         return d
 
 
+class PadWithBackgroundd(MapTransform):
+    """Pad symmetrically to at least ``spatial_size``: images with their minimum, labels with 0.
+
+    ``np.pad``'s ``"minimum"`` mode pads each line with that line's own minimum, which copies
+    tissue into the margin; the image-wide minimum is the background after normalisation.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: tuple[int, int, int]) -> None:
+        super().__init__(keys)
+        self.spatial_size = spatial_size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = 0.0 if key == "label" else float(d[key].min())
+            d[key] = SpatialPad(self.spatial_size, mode="constant", value=value)(d[key])
+        return d
+
+
 def select_foreground(img: torch.Tensor) -> torch.Tensor:
     """Body mask for cropping: voxels above the minimum plus 5% of the (minimum, p99) range.
 
@@ -161,8 +182,8 @@ def build_preprocessing(pre: Preprocessing, with_label: bool = False) -> Compose
             )
         )
     if pre.spatial_size is not None:
-        modes = ["minimum", "constant"] if with_label else ["minimum"]
-        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=pre.spatial_size, mode=modes))
+        steps.append(PadWithBackgroundd(keys=keys, spatial_size=pre.spatial_size))
+        steps.append(CenterSpatialCropd(keys=keys, roi_size=pre.spatial_size))
     return Compose(steps)
 
 

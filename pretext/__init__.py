@@ -1,5 +1,6 @@
 """Self-supervised objectives that pretrain the shared encoder (installed as ``omnienc.pretext``).
 
-Mask-guided in-context segmentation (MASS, https://arxiv.org/abs/2311.17864 is the task family;
-see DESIGN.md) and a contrastive objective on two overlapping views.
+Mask-guided in-context segmentation (MASS: Gao et al., "Learning Generalizable 3D Medical Image
+Representations from Mask-Guided Self-Supervision", CVPR 2026, https://arxiv.org/abs/2603.13660)
+and a contrastive objective on two overlapping views.
 """

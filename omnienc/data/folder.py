@@ -304,6 +304,12 @@ class VolumeFolder(Dataset):
             try:
                 with np.load(cache_file, allow_pickle=False) as z:
                     entry = ManifestEntry(**json.loads(str(z["entry"])))
+                    # Reading the arrays checks their CRC: a damaged entry fails here, at scan
+                    # time, not in __getitem__ halfway through training.
+                    if z["image"].shape[1:] != tuple(entry.preprocessed_shape) or z[
+                        "affine"
+                    ].shape != (4, 4):
+                        raise ValueError("cached arrays do not match the manifest entry")
                 entry.source, entry.cache_file = str(source.path), str(cache_file)
                 return entry
             except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:

@@ -1,0 +1,56 @@
+"""atomic_target: the old file until success, the complete new one after, no leftovers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from omnienc.atomic import atomic_target, write_bytes_atomic
+
+
+def test_replaces_the_file_only_on_success(tmp_path: Path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with atomic_target(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".") and tmp != path
+        tmp.write_bytes(b"new contents")
+        assert path.read_bytes() == b"old"  # a reader still sees the old file
+    assert path.read_bytes() == b"new contents"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_exception_keeps_the_old_file_and_removes_the_temporary(tmp_path: Path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_target(path) as tmp:
+            tmp.write_bytes(b"half-writ")
+            raise RuntimeError("writer failed")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_exception_before_any_write_leaves_nothing(tmp_path: Path):
+    path = tmp_path / "sub" / "new.bin"
+    with pytest.raises(KeyError):
+        with atomic_target(path):
+            raise KeyError("x")
+    assert not path.exists()
+    assert os.listdir(tmp_path / "sub") == []
+
+
+def test_suffix_ends_the_temporary_name(tmp_path: Path):
+    with atomic_target(tmp_path / "v.nii.gz", suffix=".nii.gz") as tmp:
+        assert tmp.name.endswith(".nii.gz")
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "v.nii.gz").read_bytes() == b"x"
+
+
+def test_write_bytes_atomic_creates_parents_and_overwrites(tmp_path: Path):
+    path = tmp_path / "a" / "b" / "c.bin"
+    assert write_bytes_atomic(path, b"one") == path
+    assert write_bytes_atomic(path, b"two") == path
+    assert path.read_bytes() == b"two"
+    assert os.listdir(path.parent) == ["c.bin"]
