@@ -1,0 +1,274 @@
+"""The ``omnienc`` command. It only parses arguments; typed functions do the work.
+
+Errors a user can fix (:class:`~omnienc.errors.OmniencError`) print one line naming the file and
+the problem and exit with status 1; no library traceback reaches the user unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from omnienc import __version__
+from omnienc.errors import OmniencError, PathError
+
+logger = logging.getLogger("omnienc")
+
+
+def _add_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="data root with medmnist/ and volumes/ (default: $OMNIENC_DATA, else ../shared/data)",
+    )
+
+
+def _fmt_row(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print a plain aligned text table to stdout."""
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    print(_fmt_row(header, widths))
+    print(_fmt_row(["-" * w for w in widths], widths))
+    for r in rows:
+        print(_fmt_row(r, widths))
+
+
+def _fmt_tuple(t: Sequence[float], digits: int = 3) -> str:
+    return "x".join(f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in t)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``omnienc info PATH...``: shape, spacing, orientation, modality and range per volume."""
+    from omnienc.data.folder import VolumeFolder
+    from omnienc.io import read_volume
+
+    header = ["path", "kind", "shape", "spacing (mm)", "orient.", "modality", "range"]
+    rows: list[list[str]] = []
+    failures = 0
+    for spec in args.paths:
+        path = Path(spec)
+        if path.is_dir() and not args.series:
+            folder = VolumeFolder(
+                path,
+                cache_dir=args.cache_dir,
+                include_labels=True,
+                frame=args.frame,
+                progress=not args.quiet,
+            )
+            for e in folder.manifest:
+                rows.append(
+                    [
+                        e.source + (f" [{e.series_uid}]" if e.series_uid else ""),
+                        e.kind,
+                        _fmt_tuple(e.shape),
+                        _fmt_tuple(e.spacing),
+                        "RAS",
+                        f"{e.modality} ({e.modality_source})",
+                        f"{e.intensity[0]:.4g}..{e.intensity[1]:.4g}",
+                    ]
+                )
+            for source, problem in folder.skipped:
+                rows.append([source, "skipped", "-", "-", "-", "-", problem.split(": ", 1)[-1]])
+            print(folder.summary(), file=sys.stderr)
+            continue
+        try:
+            v = read_volume(path, frame=args.frame)
+        except OmniencError as exc:
+            if len(args.paths) == 1:
+                raise
+            rows.append(
+                [
+                    str(path),
+                    "error",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    exc.problem if isinstance(exc, PathError) else str(exc),
+                ]
+            )
+            failures += 1
+            continue
+        rows.append(
+            [
+                str(path),
+                "volume",
+                _fmt_tuple(v.shape),
+                _fmt_tuple(v.spacing),
+                v.orientation,
+                f"{v.modality} ({v.modality_source})",
+                f"{float(v.array.min()):.4g}..{float(v.array.max()):.4g}",
+            ]
+        )
+    print_table(header, rows)
+    return 1 if failures else 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """``omnienc embed CKPT INPUT... -o feats.npz`` (or ``--random ARCH INPUT...``)."""
+    import torch
+
+    from omnienc.checkpoint import load_encoder
+    from omnienc.data.root import resolve_data_root
+    from omnienc.embed import MEDMNIST_PREFIX, embed_inputs
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    positionals = list(args.items)
+    if args.random:
+        torch.manual_seed(args.seed)
+        encoder = build_encoder(args.random)
+        preprocessing = Preprocessing()
+        source = f"random:{args.random} (seed {args.seed})"
+        inputs = positionals
+    else:
+        if len(positionals) < 2:
+            raise SystemExit("omnienc embed: give CKPT and at least one INPUT, or --random ARCH")
+        encoder, preprocessing = load_encoder(positionals[0])
+        source = str(positionals[0])
+        inputs = positionals[1:]
+    if not inputs:
+        raise SystemExit("omnienc embed: give at least one INPUT")
+    medmnist_root = None
+    if any(i.startswith(MEDMNIST_PREFIX) for i in inputs):
+        medmnist_root = resolve_data_root(args.data) / "medmnist"
+    start = time.perf_counter()
+    emb = embed_inputs(
+        encoder,
+        preprocessing,
+        inputs,
+        medmnist_root=medmnist_root,
+        batch_size=args.batch_size,
+        frame=args.frame,
+        cache_dir=args.cache_dir,
+        download=args.download,
+        progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - start
+    emb.meta = {
+        "encoder": source,
+        "arch": getattr(encoder, "family", type(encoder).__name__),
+        "embed_dim": int(encoder.embed_dim),
+        "preprocessing": preprocessing.to_dict(),
+        "inputs": inputs,
+        "seconds": round(seconds, 2),
+        "omnienc": __version__,
+    }
+    out = emb.save(args.output)
+    rows = []
+    for spec in inputs:
+        mask = np.asarray(emb.inputs) == spec
+        n = int(mask.sum())
+        feats = emb.features[mask]
+        rows.append(
+            [
+                spec,
+                str(n),
+                str(emb.features.shape[1]),
+                f"{float(feats.std(0).mean()):.3g}" if n > 1 else "-",
+            ]
+        )
+    print_table(["input", "items", "dim", "mean feature std"], rows)
+    print(f"wrote {out}: features {emb.features.shape} in {seconds:.1f} s with {source}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``omnienc``."""
+    parser = argparse.ArgumentParser(
+        prog="omnienc",
+        description="Self-supervised 3D representation learning for radiology.",
+    )
+    parser.add_argument("--version", action="version", version=f"omnienc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "info",
+        help="describe volumes: shape, spacing, orientation, modality",
+        description="Print each volume's shape, spacing, orientation, modality "
+        "and intensity range; a folder prints its manifest. Exits 1 if a file given "
+        "is unreadable (files skipped inside a folder only warn).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="volume files, DICOM or other folders")
+    p.add_argument("--frame", type=int, help="frame of 4D files to read")
+    p.add_argument(
+        "--series",
+        action="store_true",
+        help="read a folder as one DICOM series instead of scanning it",
+    )
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default ~/.cache/omnienc)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "embed",
+        help="pooled features of volumes or MedMNIST splits -> .npz",
+        description="Write frozen-encoder features (N, E), ids and labels to .npz. "
+        "INPUT: a volume file, a folder, or medmnist:FLAG:SIZE:SPLIT.",
+    )
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="CKPT_OR_INPUT",
+        help="CKPT then INPUTs; with --random, only INPUTs",
+    )
+    p.add_argument("--random", metavar="ARCH", help="use a random-init encoder (the floor)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .npz")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--frame", type=int, help="frame of 4D files to read")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init encoder")
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default ~/.cache/omnienc)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="let the medmnist package download missing files (needs internet)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_data_arg(p)
+    p.set_defaults(func=cmd_embed)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``omnienc`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="omnienc: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except OmniencError as exc:
+        if args.debug:
+            raise
+        print(f"omnienc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("omnienc: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(
+            f"omnienc: error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

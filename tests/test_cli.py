@@ -1,0 +1,265 @@
+"""The omnienc command on real data: info, embed, --help, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnienc.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["info", "embed"])
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: omnienc " + command in capsys.readouterr().out
+
+
+def test_subcommands_listed():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"info", "embed"} <= set(sub.choices)  # type: ignore[attr-defined]
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).with_name("omnienc")
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("omnienc ")
+
+
+def test_info_prints_shape_spacing_orientation_modality(volumes: Path, capsys):
+    path = volumes / "totalsegmentator/example_ct_sm.nii.gz"
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "122x101x30" in out and "3x3x3" in out and "RAS" in out and "CT" in out
+    assert "-1100..1207" in out
+
+
+def test_info_on_a_folder_prints_its_manifest(copy_real, tmp_path: Path, capsys):
+    copy_real(
+        "nibabel/anatomical.nii", "totalsegmentator/example_seg_mr.nii.gz", dest=tmp_path / "d"
+    )
+    assert main(["info", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "anatomical.nii" in captured.out and "label" in captured.out
+    assert "2 volumes read" in captured.err
+
+
+def test_info_bad_file_exits_nonzero_with_message(tmp_path: Path, capsys):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"")
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"omnienc: error: {bad}: empty file" in err
+    assert "Traceback" not in err
+
+
+def test_info_several_files_reports_each(volumes: Path, tmp_path: Path, capsys):
+    missing = tmp_path / "missing.nii"
+    assert main(["info", str(volumes / "nibabel/anatomical.nii"), str(missing)]) == 1
+    out = capsys.readouterr().out
+    assert "33x41x25" in out and "no such file" in out
+
+
+def test_embed_random_medmnist_and_volume(volumes: Path, tmp_path: Path, capsys):
+    out = tmp_path / "feats.npz"
+    vol = volumes / "nibabel/anatomical.nii"
+    code = main(
+        [
+            "embed",
+            "--random",
+            "resconv_tiny",
+            "medmnist:adrenalmnist3d:28:val",
+            str(vol),
+            "-o",
+            str(out),
+            "-q",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert code == 0
+    with np.load(out) as z:
+        feats, ids, inputs = z["features"], z["ids"], z["inputs"]
+        meta = json.loads(str(z["meta"]))
+        assert "labels" not in z  # the volume has no label, so no partial label column
+    assert feats.shape[0] == 98 + 1 and feats.dtype == np.float32
+    assert feats.shape[1] == meta["embed_dim"]
+    assert np.isfinite(feats).all()
+    assert ids[0] == "adrenalmnist3d:28:val:0000" and ids[-1] == str(vol)
+    assert list(inputs).count("medmnist:adrenalmnist3d:28:val") == 98
+    assert meta["encoder"].startswith("random:resconv_tiny")
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_embed_labels_for_medmnist_only(tmp_path: Path):
+    out = tmp_path / "f.npz"
+    assert (
+        main(
+            [
+                "embed",
+                "--random",
+                "resconv_tiny",
+                "medmnist:adrenalmnist3d:28:val",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    with np.load(out) as z:
+        assert z["labels"].shape == (98, 1)
+        assert set(np.unique(z["labels"])) <= {0, 1}
+
+
+def test_embed_is_deterministic_for_a_seed(tmp_path: Path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.npz"
+        main(
+            [
+                "embed",
+                "--random",
+                "resconv_tiny",
+                "--seed",
+                "3",
+                "medmnist:adrenalmnist3d:28:val",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        with np.load(out) as z:
+            outs.append(z["features"])
+    np.testing.assert_array_equal(*outs)
+
+
+def test_embed_with_a_checkpoint(tmp_path: Path, volumes: Path):
+    import torch
+
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    ckpt = save_encoder(
+        build_encoder("resconv_tiny"),
+        tmp_path / "enc",
+        Preprocessing(spacing=(3.0, 3.0, 3.0)),
+        meta={"step": 0},
+    )
+    out = tmp_path / "f.npz"
+    assert (
+        main(
+            [
+                "embed",
+                str(ckpt),
+                str(volumes / "totalsegmentator/example_mr_sm.nii.gz"),
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    with np.load(out) as z:
+        assert z["features"].shape[0] == 1
+        assert json.loads(str(z["meta"]))["preprocessing"]["spacing"] == [3.0, 3.0, 3.0]
+
+
+def test_embed_missing_checkpoint_is_a_clean_error(tmp_path: Path, capsys):
+    code = main(
+        [
+            "embed",
+            str(tmp_path / "nope"),
+            "medmnist:adrenalmnist3d:28:val",
+            "-o",
+            str(tmp_path / "f.npz"),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "Traceback" not in err
+
+
+def test_embed_missing_medmnist_file_names_it(tmp_path: Path, capsys, volumes: Path):
+    root = tmp_path / "data"
+    (root / "medmnist").mkdir(parents=True)
+    code = main(
+        [
+            "embed",
+            "--random",
+            "resconv_tiny",
+            "--data",
+            str(root),
+            "medmnist:breastmnist:28:test",
+            "-o",
+            str(tmp_path / "f.npz"),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "breastmnist.npz" in err and str(root / "medmnist") in err
+
+
+def test_embed_bad_spec_is_a_clean_error(tmp_path: Path, capsys):
+    code = main(
+        [
+            "embed",
+            "--random",
+            "resconv_tiny",
+            "medmnist:adrenalmnist3d:twenty:test",
+            "-o",
+            str(tmp_path / "f.npz"),
+        ]
+    )
+    assert code == 1
+    assert "medmnist:adrenalmnist3d:twenty:test" in capsys.readouterr().err
+
+
+def test_embed_unknown_arch_is_a_clean_error(tmp_path: Path, capsys):
+    code = main(
+        [
+            "embed",
+            "--random",
+            "resnet9000",
+            "medmnist:adrenalmnist3d:28:val",
+            "-o",
+            str(tmp_path / "f.npz"),
+        ]
+    )
+    assert code == 1
+    assert "resnet9000" in capsys.readouterr().err
+
+
+def test_embed_folder_skips_bad_files(copy_real, tmp_path: Path, volumes: Path):
+    folder = tmp_path / "scans"
+    copy_real("nibabel/anatomical.nii", "niivue/mha.mha", dest=folder)
+    (folder / "bad.nii.gz").write_bytes(b"\x1f\x8b broken")
+    shutil.copytree(volumes / "niivue/dicom", folder / "dicom")
+    out = tmp_path / "f.npz"
+    assert (
+        main(
+            [
+                "embed",
+                "--random",
+                "resconv_tiny",
+                str(folder),
+                "-o",
+                str(out),
+                "-q",
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    with np.load(out) as z:
+        assert z["features"].shape[0] == 3
