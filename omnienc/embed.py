@@ -101,11 +101,17 @@ def _encode(encoder: Encoder, batch: torch.Tensor) -> np.ndarray:
 
 
 def _volume_items(
-    spec: str, preprocessing: Preprocessing, frame: int | None, cache_dir: Path | None
+    spec: str,
+    preprocessing: Preprocessing,
+    frame: int | None,
+    cache_dir: Path | None,
+    progress: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     path = Path(spec)
     if path.is_dir():
-        folder = VolumeFolder(path, preprocessing, cache_dir=cache_dir, frame=frame)
+        folder = VolumeFolder(
+            path, preprocessing, cache_dir=cache_dir, frame=frame, progress=progress
+        )
         for i in range(len(folder)):
             item = folder[i]
             yield item["id"], item["image"][None]
@@ -162,7 +168,7 @@ def embed_inputs(
         else:
             n0 = len(ids)
             for item_id, image in tqdm(
-                _volume_items(spec, preprocessing, frame, cache_dir),
+                _volume_items(spec, preprocessing, frame, cache_dir, progress),
                 desc=spec,
                 disable=not progress,
                 unit="vol",
