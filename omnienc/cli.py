@@ -7,11 +7,13 @@ the problem and exit with status 1; no library traceback reaches the user unless
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -184,6 +186,107 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_metric(result: Any, key: str) -> str:
+    lo, hi = result.intervals.get(key, (float("nan"), float("nan")))
+    return f"{result.metrics[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``omnienc probe CKPT --dataset FLAG``: linear probe on frozen features, with its floor."""
+    import torch
+
+    from omnienc.adapters.probes import run_linear_probe
+    from omnienc.checkpoint import load_encoder
+    from omnienc.data.root import resolve_data_root
+    from omnienc.encoders import build_encoder, encoder_from_config
+
+    root = resolve_data_root(args.data) / "medmnist"
+    runs: list[tuple[str, Any]] = []
+    if args.random:
+        torch.manual_seed(args.seed)
+        runs.append((f"random-init {args.random} (seed {args.seed})", build_encoder(args.random)))
+    else:
+        if args.checkpoint is None:
+            raise SystemExit("omnienc probe: give CKPT or --random ARCH")
+        encoder, _ = load_encoder(args.checkpoint)
+        runs.append((f"{args.checkpoint}", encoder))
+        if not args.no_floor:
+            torch.manual_seed(args.seed)
+            floor = encoder_from_config(encoder.family, encoder.config.to_dict())
+            runs.append((f"random-init, same shape (seed {args.seed}; the floor)", floor))
+    rows, results = [], {}
+    for name, encoder in runs:
+        start = time.perf_counter()
+        r = run_linear_probe(
+            encoder,
+            args.dataset,
+            args.size,
+            root,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            download=args.download,
+            progress=not args.quiet,
+        )
+        seconds = time.perf_counter() - start
+        rows.append(
+            [
+                name,
+                _fmt_metric(r, "acc"),
+                _fmt_metric(r, "auc"),
+                f"{r.metrics['f1']:.3f}",
+                f"{r.metrics['balanced_acc']:.3f}",
+                f"{r.params['C']:.3g}",
+                f"{seconds:.0f}",
+            ]
+        )
+        results[name] = {
+            "metrics": r.metrics,
+            "intervals": r.intervals,
+            "params": r.params,
+            "n": r.n,
+            "seconds": round(seconds, 1),
+        }
+    print(
+        f"linear probe, {args.dataset} {args.size}, test split "
+        f"(C chosen on val AUC; 95% bootstrap intervals)"
+    )
+    print_table(["encoder", "ACC", "AUC", "F1", "bal.ACC", "C", "s"], rows)
+    if args.json:
+        from omnienc.atomic import write_bytes_atomic
+
+        payload = {"dataset": args.dataset, "size": args.size, "results": results}
+        write_bytes_atomic(args.json, json.dumps(payload, indent=2).encode())
+    return 0
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    """``omnienc masks DIR``: class-agnostic mask proposals for every volume, cached."""
+    from omnienc.data.folder import VolumeFolder, default_cache_dir
+    from omnienc.pretext.masks import MaskConfig, compute_folder_masks, format_mask_summary
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    overrides = {"max_masks": args.max_masks} if args.max_masks else {}
+    folder = VolumeFolder(
+        args.folder, cache_dir=cache_dir, frame=args.frame, progress=not args.quiet
+    )
+    results = compute_folder_masks(
+        folder, MaskConfig(**overrides), cache_dir, workers=args.workers, progress=not args.quiet
+    )
+    print(format_mask_summary(results))
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """``omnienc segment CKPT --support IMG MASK --query IMG -o OUT``."""
+    from omnienc.pretext.segment import segment_files
+
+    out = segment_files(
+        args.checkpoint, args.support[0], args.support[1], args.query, args.output, label=args.label
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``omnienc``."""
     parser = argparse.ArgumentParser(
@@ -239,11 +342,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_data_arg(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "probe",
+        help="linear probe of frozen features on a MedMNIST set",
+        description="Extract frozen features of the train/val/test splits, fit a "
+        "logistic regression (C chosen on val AUC) and report test ACC/AUC/F1 with "
+        "bootstrap 95%% intervals, beside a random-init encoder of the same shape.",
+    )
+    p.add_argument("checkpoint", nargs="?", type=Path, metavar="CKPT", help="exported encoder")
+    p.add_argument("--random", metavar="ARCH", help="probe a random-init encoder instead")
+    p.add_argument("--dataset", default="adrenalmnist3d", help="MedMNIST flag")
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--no-floor", action="store_true", help="skip the random-init comparison")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--download", action="store_true", help="let medmnist download missing files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_data_arg(p)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain the shared encoder (Lightning)",
+        add_help=False,
+        description="See `omnienc pretrain --help`.",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)  # handled in main() before argparse
+
+    p = sub.add_parser(
+        "masks",
+        help="class-agnostic mask proposals for a folder (cached)",
+        description="Compute and cache mask proposals for every volume in DIR.",
+    )
+    p.add_argument("folder", type=Path, metavar="DIR")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--max-masks", type=int, help="cap per volume")
+    p.add_argument("--frame", type=int, help="frame of 4D files to read")
+    p.add_argument("--cache-dir", type=Path, help="cache folder (default ~/.cache/omnienc)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser(
+        "segment",
+        help="few-shot in-context segmentation of a query volume",
+        description="Segment in QUERY the structure that MASK marks in the support "
+        "IMG, with the pretrained in-context head; output on the query's grid.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CKPT")
+    p.add_argument("--support", nargs=2, type=Path, metavar=("IMG", "MASK"), required=True)
+    p.add_argument("--query", type=Path, metavar="IMG", required=True)
+    p.add_argument("--label", type=int, help="label value of MASK to use (default: MASK > 0)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .nii.gz")
+    p.set_defaults(func=cmd_segment)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``omnienc`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pretrain"]:
+        # jsonargparse owns everything after `pretrain` (dotted overrides, --config files).
+        logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
+        from omnienc.pretext.train import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

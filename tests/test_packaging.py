@@ -128,7 +128,9 @@ def test_import_direction():
         "adapters",
         "benchmarks",
     )
-    assert _hits(_package_imports("omnienc"), core) == []
+    # omnienc/cli.py is the one console script: it dispatches to every package's subcommands.
+    omnienc_imports = {p: n for p, n in _package_imports("omnienc").items() if p.name != "cli.py"}
+    assert _hits(omnienc_imports, core) == []
     assert (
         _hits(
             _package_imports("adapters"),

@@ -141,7 +141,10 @@ class ViT3DEncoder(Encoder):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of four evenly spaced blocks (``out_indices``), before the final norm.
+        """Outputs of four evenly spaced blocks (``out_indices``); the last one final-normed.
+
+        The last entry equals :meth:`forward_features`, as for every family, so one pass can
+        serve both a decoder and a pooled embedding.
 
         Args:
             x: ``(B, C, D, H, W)``.
@@ -154,7 +157,8 @@ class ViT3DEncoder(Encoder):
         for i, block in enumerate(self.blocks):
             tokens = block(tokens)
             if i in self.out_indices:
-                out.append(self._to_grid(tokens, grid))
+                is_last = i == self.out_indices[-1]
+                out.append(self._to_grid(self.norm(tokens) if is_last else tokens, grid))
         return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
