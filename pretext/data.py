@@ -1,0 +1,282 @@
+"""Pretraining data: reference/query pairs with task masks, as a Lightning DataModule.
+
+Each training sample is drawn from a random volume, as two overlapping crops with up to K
+proposal masks (:func:`omnienc.pretext.pairs.sample_pair`), then augmented (reference weakly,
+query strongly). Sample ``j`` of rank ``r`` at global step ``g`` has the index
+``(g * world_size + r) * batch_size + j`` and its randomness comes only from ``(seed, index)``,
+so a resumed run replays exactly the batches an uninterrupted run would have seen, however the
+trainer counts epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from omnienc.data.folder import VolumeFolder
+from omnienc.data.medmnist import MedMNIST, parse_medmnist_spec
+from omnienc.data.root import resolve_data_root
+from omnienc.errors import DataError
+from omnienc.preprocessing import Preprocessing
+from omnienc.pretext.masks import MaskConfig, compute_folder_masks, load_masks, propose_masks
+from omnienc.pretext.pairs import (
+    PairConfig,
+    augment_pair,
+    build_query_augment,
+    build_reference_augment,
+    sample_pair,
+)
+
+logger = logging.getLogger("omnienc")
+
+
+@dataclass
+class DataConfig:
+    """Where pretraining data comes from and how it is sampled.
+
+    Attributes:
+        roots: Volume folders, absolute or relative to the data root (``--data``).
+        medmnist: Unlabelled MedMNIST 3D splits to add, ``FLAG:SIZE:SPLIT`` (labels unused).
+        medmnist_fraction: Share of samples drawn from the MedMNIST splits (0 = none).
+        min_size: Volumes smaller than this along any axis after preprocessing are skipped.
+        preprocessing: Deterministic preprocessing (recorded in the exported checkpoint).
+        masks: Mask-proposal parameters.
+        pair: Crop size, overlap and number of tasks.
+        batch_size: Pairs per step (per device).
+        steps_per_epoch: Steps per epoch; checkpoints are written at epoch ends.
+        num_workers: DataLoader worker processes.
+        cache_dir: Preprocessing and mask cache (default ``~/.cache/omnienc``).
+        mask_workers: Processes for computing mask proposals.
+    """
+
+    roots: list[str] = field(default_factory=lambda: ["volumes"])
+    medmnist: list[str] = field(default_factory=list)
+    medmnist_fraction: float = 0.0
+    min_size: int = 16
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    batch_size: int = 4
+    steps_per_epoch: int = 50
+    num_workers: int = 0
+    cache_dir: str | None = None
+    mask_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.medmnist_fraction <= 1.0:
+            raise ValueError(f"medmnist_fraction must be in [0, 1], got {self.medmnist_fraction}")
+        if self.medmnist_fraction > 0 and not self.medmnist:
+            raise ValueError("medmnist_fraction > 0 needs at least one medmnist split")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (the contrastive loss needs negatives)")
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches of sample indices keyed on the global step (and the rank under DDP).
+
+    One epoch is ``steps_per_epoch`` batches starting at ``start_step``, which the training
+    module sets to the trainer's global step at every epoch start.
+    """
+
+    def __init__(self, batch_size: int, steps_per_epoch: int, rank: int = 0, world_size: int = 1):
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        # A generator: start_step is read at the first batch, after the epoch-start hook.
+        for step in range(self.start_step, self.start_step + self.steps_per_epoch):
+            base = (step * self.world_size + self.rank) * self.batch_size
+            yield list(range(base, base + self.batch_size))
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+class PairDataset(Dataset):
+    """Deterministic stream of augmented reference/query pairs; sample ``i`` depends on ``i``.
+
+    Args:
+        images: Preprocessed volumes, each ``(1, X, Y, Z)`` float32.
+        masks: Their proposals, each ``(M_i, X, Y, Z)`` bool.
+        weights: Sampling probability of each volume (sums to 1).
+        pair: Crop and task parameters.
+        seed: Base seed.
+
+    Items are dicts of tensors: ``ref_image``/``query_image`` ``(1, S, S, S)`` float32,
+    ``ref_masks``/``query_masks`` ``(T, S, S, S)`` float32, ``task_valid`` ``(T,)`` bool.
+    """
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        masks: list[np.ndarray],
+        weights: np.ndarray,
+        pair: PairConfig,
+        seed: int,
+    ) -> None:
+        if not images:
+            raise ValueError("PairDataset needs at least one volume")
+        self.images = images
+        self.masks = masks
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.pair = pair
+        self.seed = seed
+        self.ref_aug = build_reference_augment()
+        self.query_aug = build_query_augment(pair.crop_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        v = int(rng.choice(len(self.images), p=self.weights))
+        pair = sample_pair(self.images[v], self.masks[v], self.pair, rng)
+        pair = augment_pair(pair, self.ref_aug, self.query_aug, seed=int(rng.integers(2**31 - 1)))
+        return {
+            key: torch.as_tensor(np.ascontiguousarray(pair[key]))
+            for key in ("ref_image", "query_image", "ref_masks", "query_masks", "task_valid")
+        }
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Volumes (and optional MedMNIST cubes) with cached mask proposals, served as pairs.
+
+    ``prepare_data`` (rank 0 only) preprocesses every volume and computes its mask proposals
+    into the cache; ``setup`` (every rank) loads them into memory.
+
+    Args:
+        config: The :class:`DataConfig`.
+        data_root: Root that relative ``roots`` are resolved against (``None``: the default).
+        seed: Base seed of the sample stream.
+    """
+
+    def __init__(self, config: DataConfig, data_root: str | Path | None = None, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.data_root = data_root
+        self.seed = seed
+        self.dataset: PairDataset | None = None
+        self.sources: list[str] = []
+
+    def _cache_dir(self) -> Path:
+        from omnienc.data.folder import default_cache_dir
+
+        return Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
+
+    def _root_paths(self) -> list[Path]:
+        paths = []
+        for root in self.config.roots:
+            p = Path(root).expanduser()
+            if not p.is_absolute():
+                p = resolve_data_root(self.data_root) / p
+            paths.append(p)
+        return paths
+
+    def _folders(self, progress: bool) -> list[VolumeFolder]:
+        return [
+            VolumeFolder(
+                root,
+                self.config.preprocessing,
+                cache_dir=self._cache_dir(),
+                min_size=self.config.min_size,
+                progress=progress,
+            )
+            for root in self._root_paths()
+        ]
+
+    def prepare_data(self) -> None:
+        for folder in self._folders(progress=True):
+            compute_folder_masks(
+                folder,
+                self.config.masks,
+                self._cache_dir(),
+                workers=self.config.mask_workers,
+                progress=True,
+            )
+
+    def _medmnist(self) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        ids: list[str] = []
+        root = resolve_data_root(self.data_root) / "medmnist"
+        for spec in self.config.medmnist:
+            flag, size, split = parse_medmnist_spec(f"medmnist:{spec}")
+            ds = MedMNIST(flag, split, size=size, root=root)
+            if not ds.is_3d:
+                raise DataError(root, f"pretraining takes 3D MedMNIST sets; {flag} is 2D")
+            for i in range(len(ds)):
+                item = ds[i]
+                images.append(item["image"].numpy())
+                masks.append(propose_masks(item["image"].numpy()[0], self.config.masks))
+                ids.append(item["id"])
+        return images, masks, ids
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        for folder in self._folders(progress=False):
+            results = compute_folder_masks(
+                folder, self.config.masks, self._cache_dir(), workers=1, progress=False
+            )
+            by_source = {r.source: r for r in results}
+            for i, entry in enumerate(folder.entries):
+                images.append(folder[i]["image"].numpy())
+                masks.append(load_masks(by_source[entry.source].cache_file))
+                self.sources.append(entry.source)
+        n_volumes = len(images)
+        weights = np.full(n_volumes, 1.0 / max(n_volumes, 1))
+        if self.config.medmnist and self.config.medmnist_fraction > 0:
+            mm_images, mm_masks, mm_ids = self._medmnist()
+            images += mm_images
+            masks += mm_masks
+            self.sources += mm_ids
+            f = self.config.medmnist_fraction
+            weights = np.concatenate(
+                [
+                    (1 - f) * weights,
+                    np.full(len(mm_images), f / len(mm_images)),
+                ]
+            )
+        logger.info(
+            "pretraining on %d volumes (+%d MedMNIST cubes), %d mask proposals in all",
+            n_volumes,
+            len(images) - n_volumes,
+            sum(len(m) for m in masks),
+        )
+        self.dataset = PairDataset(
+            images,
+            masks,
+            weights,
+            self.config.pair,
+            seed=self.seed,
+        )
+        trainer = getattr(self, "trainer", None)
+        self.sampler = StepBatchSampler(
+            self.config.batch_size,
+            self.config.steps_per_epoch,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+
+    def set_step(self, step: int) -> None:
+        """Start the next epoch's batches at global step ``step`` (called at each epoch start)."""
+        self.sampler.start_step = step
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.config.num_workers,
+            persistent_workers=False,
+        )

@@ -1,0 +1,199 @@
+"""The pretraining LightningModule: mask-guided in-context segmentation + contrastive.
+
+One encoder pass over both crops serves both objectives (DESIGN.md, "Pretext"): the reference and
+query crops are encoded together; the in-context head segments, in the query, each task given by
+a mask on the reference (MASS, https://arxiv.org/abs/2603.13660); the pooled deepest features of
+the two crops are the two views of the contrastive loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from omnienc.encoders import build_encoder
+from omnienc.encoders.base import Encoder
+from omnienc.errors import OmniencError
+from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
+from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
+
+
+class NonFiniteLossError(OmniencError):
+    """The training loss became NaN or Inf; the run stops instead of corrupting the weights."""
+
+
+@dataclass
+class ModelConfig:
+    """The method: encoder, heads, loss weights and optimiser.
+
+    Attributes:
+        encoder: A name in :data:`omnienc.encoders.ENCODERS`.
+        encoder_overrides: Config fields of that encoder to change.
+        head: The in-context segmentation head.
+        contrastive: The contrastive projection head and loss.
+        incontext_weight: Weight of Dice + BCE; 0 switches the objective off.
+        contrastive_weight: Weight of the contrastive loss; 0 switches it off.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        schedule_steps: Steps of the cosine schedule (the learning rate stays at its minimum,
+            ``lr * min_lr_ratio``, afterwards); ``None`` follows ``trainer.max_steps``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+    """
+
+    encoder: str = "resconv_small"
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    incontext_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    schedule_steps: int | None = None
+    min_lr_ratio: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.incontext_weight < 0 or self.contrastive_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+        if self.incontext_weight == 0 and self.contrastive_weight == 0:
+            raise ValueError("both objectives are switched off; set a weight > 0")
+
+    @property
+    def method(self) -> str:
+        """A short name of the objectives in use, recorded in the exported checkpoint."""
+        parts = []
+        if self.incontext_weight > 0:
+            parts.append("incontext")
+        if self.contrastive_weight > 0:
+            parts.append(self.contrastive.kind)
+        return "+".join(parts)
+
+
+class PretrainModule(pl.LightningModule):
+    """Encoder + in-context head + contrastive objective.
+
+    Args:
+        config: The :class:`ModelConfig`.
+        crop_size: Crop size of the pairs, ``(S, S, S)``.
+    """
+
+    def __init__(self, config: ModelConfig, crop_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.crop_size = tuple(int(s) for s in crop_size)
+        self.encoder: Encoder = build_encoder(config.encoder, **config.encoder_overrides)
+        self.head = InContextHead(self.encoder.feature_info, config.head)
+        self.contrastive = ContrastiveObjective(self.encoder.embed_dim, config.contrastive)
+        self.schedule_steps: int | None = config.schedule_steps
+
+    def forward_pair(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Both losses for a batch of pairs.
+
+        Args:
+            batch: ``ref_image``/``query_image`` ``(B, 1, S, S, S)``, ``ref_masks``/
+                ``query_masks`` ``(B, T, S, S, S)``, ``task_valid`` ``(B, T)``.
+
+        Returns:
+            ``loss`` (weighted sum) and its parts ``incontext``, ``dice``, ``contrastive``.
+        """
+        ref, query = batch["ref_image"], batch["query_image"]
+        b = ref.shape[0]
+        feats = self.encoder.forward_intermediates(torch.cat([ref, query]))
+        ref_feats = [f[:b] for f in feats]
+        query_feats = [f[b:] for f in feats]
+        out: dict[str, torch.Tensor] = {}
+        loss = ref.new_zeros(())
+        if self.config.incontext_weight > 0:
+            logits = self.head(ref_feats, batch["ref_masks"], query_feats, tuple(query.shape[2:]))
+            ic = incontext_loss(logits, batch["query_masks"], batch["task_valid"])
+            loss = loss + self.config.incontext_weight * ic["loss"]
+            out["incontext"] = ic["loss"].detach()
+            out["dice"] = ic["dice"]
+        if self.config.contrastive_weight > 0:
+            pooled = feats[-1].mean(dim=(2, 3, 4))  # (2B, E): the encoder's own pooling
+            c = self.contrastive(pooled[:b], pooled[b:])
+            loss = loss + self.config.contrastive_weight * c
+            out["contrastive"] = c.detach()
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.forward_pair(batch)
+        if not torch.isfinite(out["loss"]):
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items())
+            raise NonFiniteLossError(
+                f"step {self.global_step}",
+                f"non-finite training loss ({parts}); the run stops here. The last "
+                "checkpoint is intact: lower model.lr or check the input volumes",
+            )
+        bs = batch["ref_image"].shape[0]
+        for key, value in out.items():
+            self.log(f"train/{key}", value, prog_bar=key in ("loss", "dice"), batch_size=bs)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)  # type: ignore[union-attr]
+        return out["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        if dm is not None and hasattr(dm, "set_step"):
+            dm.set_step(self.global_step)
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        total = self.schedule_steps
+        if not total or total <= cfg.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / (total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self) -> Any:
+        if self.schedule_steps is None and self.trainer.max_steps and self.trainer.max_steps > 0:
+            self.schedule_steps = int(self.trainer.max_steps)
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.config.lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def export_meta(self) -> dict[str, Any]:
+        """What the exported checkpoint records about pretraining."""
+        return {
+            "pretext": self.config.method,
+            "step": int(self.global_step),
+            "epoch": int(self.current_epoch),
+            "crop_size": list(self.crop_size),
+            "incontext_head": asdict(self.config.head),
+            "model": _jsonable(asdict(self.config)),
+        }
+
+    def heads(self) -> dict[str, nn.Module]:
+        """Modules exported beside the encoder."""
+        return {"incontext_head": self.head}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

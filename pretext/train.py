@@ -1,0 +1,263 @@
+"""``omnienc pretrain``: typed config -> Lightning Trainer -> exported encoder.
+
+``pretrain(config) -> Path`` does the work; :func:`main` only parses a YAML config merged with
+command-line overrides (jsonargparse, as LightningCLI does: ``--trainer.max_steps 100``,
+``--data.pair.crop_size [32,32,32]``). Unknown keys are errors, and the resolved config is saved
+as ``RUN_DIR/config.yaml``.
+
+The run folder holds ``checkpoints/last.ckpt`` (Lightning state for resuming, written atomically
+at every epoch end; an epoch is ``data.steps_per_epoch`` steps), ``encoder/`` (the exported
+encoder and in-context head, refreshed with every checkpoint), ``config.yaml`` and the CSV and
+TensorBoard logs. Running the same command again resumes from ``last.ckpt``; a run killed with
+SIGKILL loses at most the epoch in progress, never a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from omnienc.atomic import atomic_target
+from omnienc.checkpoint import save_encoder
+from omnienc.errors import CheckpointError, OmniencError
+from omnienc.pretext.data import DataConfig, PretrainDataModule
+from omnienc.pretext.module import ModelConfig, PretrainModule
+
+logger = logging.getLogger("omnienc")
+
+RESUME_MODES = ("auto", "never", "always")
+
+# omnienc's defaults for Trainer arguments the config does not set: epochs are only checkpoint
+# boundaries (a run ends by max_steps or max_time), and no validation loop.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": -1,
+    "log_every_n_steps": 5,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+    # The data module splits the step-keyed sample stream across ranks itself.
+    "use_distributed_sampler": False,
+}
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs.
+
+    Attributes:
+        model: Encoder, heads, losses, optimiser.
+        data: Data sources, preprocessing, masks, pairs, batch size.
+        trainer: Keyword arguments of ``pytorch_lightning.Trainer`` (max_steps, max_time,
+            devices, strategy, precision, ...).
+        run_dir: Output folder.
+        data_root: Data root for relative ``data.roots`` (default: ``$OMNIENC_DATA`` or
+            ``../shared/data``).
+        seed: Seeds weights and the sample stream.
+        resume: ``auto`` resumes from ``run_dir/checkpoints/last.ckpt`` when it exists;
+            ``never`` refuses a run folder that has checkpoints; ``always`` requires one.
+        checkpoint_every_n_epochs: Epochs between checkpoints (and encoder exports).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    run_dir: str = "runs/pretrain"
+    data_root: str | None = None
+    seed: int = 0
+    resume: str = "auto"
+    checkpoint_every_n_epochs: int = 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed; loaded weights-only.
+
+    A kill during a write leaves the previous ``last.ckpt`` untouched. Loading uses
+    ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        with atomic_target(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(path, "no such checkpoint file")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                path,
+                f"not a loadable training checkpoint ({type(exc).__name__}: {str(exc)[:300]}); "
+                "only weights-only checkpoints are accepted",
+            ) from exc
+
+
+class ExportEncoder(Callback):
+    """Export the encoder + in-context head with every checkpoint and at the end of training."""
+
+    def __init__(self, folder: Path, preprocessing: Any) -> None:
+        self.folder = folder
+        self.preprocessing = preprocessing
+
+    def _export(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not isinstance(module, PretrainModule):
+            return
+        save_encoder(
+            module.encoder,
+            self.folder,
+            self.preprocessing,
+            meta=module.export_meta(),
+            extra=module.heads(),
+        )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._export(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._export(trainer, module)
+
+
+def _resume_path(config: PretrainConfig, ckpt_dir: Path) -> Path | None:
+    last = ckpt_dir / "last.ckpt"
+    if config.resume not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {RESUME_MODES}, got {config.resume!r}")
+    if config.resume == "never" and last.exists():
+        raise CheckpointError(
+            last,
+            "the run folder already has a checkpoint and resume=never; choose another "
+            "run_dir (nothing was overwritten)",
+        )
+    if config.resume == "always" and not last.exists():
+        raise CheckpointError(last, "resume=always but there is no checkpoint to resume from")
+    return last if last.exists() and config.resume != "never" else None
+
+
+def build_trainer(config: PretrainConfig, run_dir: Path) -> pl.Trainer:
+    """The Lightning Trainer of a run: checkpoints, export, logs, and the user's overrides."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    kwargs: dict[str, Any] = {**TRAINER_DEFAULTS, **config.trainer}
+    if kwargs.get("max_steps", -1) in (None, -1) and not kwargs.get("max_time"):
+        raise ValueError("set trainer.max_steps or trainer.max_time: a run needs an end")
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:04d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=0,
+        every_n_epochs=config.checkpoint_every_n_epochs,
+        save_on_train_epoch_end=True,
+    )
+    callbacks: list[Callback] = [
+        ckpt,
+        ExportEncoder(run_dir / "encoder", config.data.preprocessing),
+    ]
+    loggers = [
+        CSVLogger(run_dir, name="logs"),  # version_N per invocation: a resume never overwrites
+        TensorBoardLogger(run_dir, name="tensorboard", default_hp_metric=False),
+    ]
+    return pl.Trainer(
+        default_root_dir=run_dir,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        **kwargs,
+    )
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Pretrain an encoder and export it.
+
+    Args:
+        config: The run's :class:`PretrainConfig`.
+
+    Returns:
+        The exported encoder folder (``run_dir/encoder``), loadable with
+        :func:`omnienc.load_encoder`.
+    """
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = _resume_path(config, run_dir / "checkpoints")
+    if ckpt_path is not None:
+        logger.warning("resuming from %s", ckpt_path)
+    pl.seed_everything(config.seed, workers=True)
+    datamodule = PretrainDataModule(config.data, data_root=config.data_root, seed=config.seed)
+    module = PretrainModule(config.model, config.data.pair.crop_size)
+    trainer = build_trainer(config, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return run_dir / "encoder"
+
+
+def build_parser() -> Any:
+    """jsonargparse parser of ``omnienc pretrain`` (config file + dotted overrides)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="omnienc pretrain",
+        description="Pretrain the shared encoder by mask-guided in-context segmentation and a "
+        "contrastive objective. Values come from --config YAML files, then dotted overrides "
+        "such as --trainer.max_steps 100 or --data.batch_size 8. Unknown keys are errors.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
+    parser.add_class_arguments(PretrainConfig, skip={"trainer"}, sub_configs=True)
+    # The Trainer's own signature under trainer.* (kwargs, not an instance, as in LightningCLI).
+    parser.add_method_arguments(
+        pl.Trainer,
+        "__init__",
+        "trainer",
+        skip={"callbacks", "logger", "plugins", "default_root_dir"},
+        fail_untyped=False,
+    )
+    parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+    return parser
+
+
+def parse_config(argv: list[str]) -> tuple[PretrainConfig, Any, Any]:
+    """Parse ``argv`` into a :class:`PretrainConfig` (and the raw namespace for saving)."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    init = parser.instantiate_classes(namespace)
+    fields = {k: v for k, v in vars(init).items() if k in PretrainConfig.__dataclass_fields__}
+    fields["trainer"] = namespace.trainer.as_dict()
+    return PretrainConfig(**fields), parser, namespace
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``omnienc pretrain``; returns the exit status."""
+    from jsonargparse import ArgumentError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, parser, namespace = parse_config(argv)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        print(f"omnienc pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(config.run_dir).expanduser()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        namespace.pop("config", None)
+        with atomic_target(run_dir / "config.yaml") as tmp:
+            tmp.write_text(parser.dump(namespace, skip_none=False))
+    try:
+        encoder_dir = pretrain(config)
+    except OmniencError as exc:
+        print(f"omnienc pretrain: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported encoder: {encoder_dir}")
+    return 0
