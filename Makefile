@@ -22,10 +22,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# Pretrain on every volume in $(DATA)/volumes with the quick CPU recipe (a few minutes; a
+# second `make demo` resumes the finished run and only probes), then probe the frozen encoder
+# on AdrenalMNIST3D beside a random-init encoder of the same shape.
 demo: $(STAMP)
-	$(VENV)/bin/omnienc info $(DATA)/volumes/totalsegmentator -q
-	$(VENV)/bin/omnienc embed --random resconv_small --data $(DATA) \
-		medmnist:adrenalmnist3d:28:test $(DATA)/volumes -o $(RUN)/features_random.npz -q
+	$(VENV)/bin/omnienc pretrain --config configs/cpu-quick.yaml --data_root $(DATA) \
+		--run_dir $(RUN) --trainer.enable_progress_bar false
+	$(VENV)/bin/omnienc probe $(RUN)/encoder --dataset adrenalmnist3d --size 28 --data $(DATA) -q
 
 test: $(STAMP)
 	$(PY) -m pytest

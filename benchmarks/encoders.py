@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnienc.benchmarks.machine import cpu_model, cpu_seconds
 from omnienc.encoders import ENCODERS, build_encoder
 
 REFERENCE = "monai_resnet10"
@@ -64,15 +65,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: busy = all but idle, iowait, steal.
-    busy = sum(fields[:8]) - fields[3] - fields[4] - fields[7]
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
 def _timed(
     step: Callable[[], None], batch: int, warmup: int, seconds: float, min_iters: int
 ) -> dict[str, Any]:
@@ -86,14 +78,14 @@ def _timed(
     for _ in range(warmup):
         step()
     times: list[float] = []
-    busy0, own0 = _cpu_seconds()
+    busy0, own0 = cpu_seconds()
     start = time.perf_counter()
     while len(times) < min_iters or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
-    busy1, own1 = _cpu_seconds()
+    busy1, own1 = cpu_seconds()
     other = max(0.0, (busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1))
     return {
         "volumes_per_s": batch / statistics.median(times),
@@ -184,17 +176,6 @@ def run_isolated(arch: str, size: int, args: argparse.Namespace) -> dict[str, An
 def _disturbance(result: dict[str, Any]) -> float:
     """The larger share of CPU (%) other processes used during the two phases of a run."""
     return max(result["train"]["other_cpu_pct"], result["infer"]["other_cpu_pct"])
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or the platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -261,6 +261,10 @@ def _write_weights(module: nn.Module, file: Path) -> str:
     # clone() so that tied or overlapping tensors are stored separately, as safetensors requires.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(file))
+    # safetensors creates the file 0600; give it the permissions of the umask like other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
     with open(file, "rb") as f:
         os.fsync(f.fileno())
         h = hashlib.sha256()

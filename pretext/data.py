@@ -10,7 +10,11 @@ trainer counts epochs.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +22,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
+from omnienc.atomic import atomic_target
 from omnienc.data.folder import VolumeFolder
 from omnienc.data.medmnist import MedMNIST, parse_medmnist_spec
 from omnienc.data.root import resolve_data_root
@@ -46,7 +52,9 @@ class DataConfig:
         medmnist_fraction: Share of samples drawn from the MedMNIST splits (0 = none).
         min_size: Volumes smaller than this along any axis after preprocessing are skipped.
         preprocessing: Deterministic preprocessing (recorded in the exported checkpoint).
-        masks: Mask-proposal parameters.
+        masks: Mask-proposal parameters for the volumes.
+        medmnist_masks: Mask-proposal parameters for MedMNIST cubes (small structures: a lower
+            size floor, no cap relative to the body).
         pair: Crop size, overlap and number of tasks.
         batch_size: Pairs per step (per device).
         steps_per_epoch: Steps per epoch; checkpoints are written at epoch ends.
@@ -61,6 +69,9 @@ class DataConfig:
     min_size: int = 16
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     masks: MaskConfig = field(default_factory=MaskConfig)
+    medmnist_masks: MaskConfig = field(
+        default_factory=lambda: MaskConfig(min_voxels=8, max_body_fraction=1.0)
+    )
     pair: PairConfig = field(default_factory=PairConfig)
     batch_size: int = 4
     steps_per_epoch: int = 50
@@ -93,7 +104,7 @@ class StepBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.start_step = 0
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[list[int]]:
         # A generator: start_step is read at the first batch, after the epoch-start hook.
         for step in range(self.start_step, self.start_step + self.steps_per_epoch):
             base = (step * self.world_size + self.rank) * self.batch_size
@@ -212,12 +223,38 @@ class PretrainDataModule(pl.LightningDataModule):
             ds = MedMNIST(flag, split, size=size, root=root)
             if not ds.is_3d:
                 raise DataError(root, f"pretraining takes 3D MedMNIST sets; {flag} is 2D")
-            for i in range(len(ds)):
-                item = ds[i]
-                images.append(item["image"].numpy())
-                masks.append(propose_masks(item["image"].numpy()[0], self.config.masks))
-                ids.append(item["id"])
+            cubes = [ds[i]["image"].numpy() for i in range(len(ds))]
+            images += cubes
+            masks += self._cube_masks(f"{flag}_{size}_{split}", cubes)
+            ids += list(ds.ids)
         return images, masks, ids
+
+    def _cube_masks(self, name: str, cubes: list[np.ndarray]) -> list[np.ndarray]:
+        """Mask proposals of MedMNIST cubes, cached in one packed file per split and config."""
+        cfg = self.config.medmnist_masks
+        key = hashlib.blake2b(
+            json.dumps([name, cfg.to_dict(), len(cubes)], sort_keys=True).encode(),
+            digest_size=12,
+        ).hexdigest()
+        path = self._cache_dir() / f"medmnist-masks-{name}-{key}.npz"
+        shape = cubes[0].shape[1:]
+        if path.exists():
+            try:
+                with np.load(path) as z:
+                    counts, bits = z["counts"], z["bits"]
+                flat = np.unpackbits(bits, count=int(counts.sum()) * int(np.prod(shape)))
+                stack = flat.reshape(-1, *shape).astype(bool)
+                return list(np.split(stack, np.cumsum(counts)[:-1]))
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("corrupt mask cache %s (%s); rebuilding it", path, exc)
+        out = [propose_masks(c[0], cfg) for c in tqdm(cubes, desc=f"masks {name}", unit="cube")]
+        counts = np.array([len(m) for m in out], dtype=np.int64)
+        stack = np.concatenate(out) if counts.sum() else np.zeros((0, *shape), bool)
+        buf = io.BytesIO()
+        np.savez(buf, counts=counts, bits=np.packbits(stack.reshape(-1)))
+        with atomic_target(path) as tmp:
+            tmp.write_bytes(buf.getvalue())
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:

@@ -305,3 +305,19 @@ def test_plain_file_refused(saved: Path) -> None:
     file = saved / "model.safetensors"
     with _raises(file, "is a file, not an omnienc encoder folder"):
         load_encoder(file)
+
+
+def test_weights_files_follow_the_umask(tmp_path: Path):
+    import os
+    import stat
+
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    old = os.umask(0o022)
+    try:
+        ckpt = save_encoder(build_encoder("resconv_tiny"), tmp_path / "enc", Preprocessing())
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((ckpt / "model.safetensors").stat().st_mode)
+    assert mode == 0o644

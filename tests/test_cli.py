@@ -14,7 +14,7 @@ import pytest
 from omnienc.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["info", "embed"])
+@pytest.mark.parametrize("command", ["info", "embed", "probe", "masks", "segment", "pretrain"])
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -24,7 +24,7 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 
 def test_subcommands_listed():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert {"info", "embed"} <= set(sub.choices)  # type: ignore[attr-defined]
+    assert {"info", "embed", "probe", "pretrain", "masks", "segment"} <= set(sub.choices)  # type: ignore[attr-defined]
 
 
 def test_console_script_runs():
@@ -263,3 +263,104 @@ def test_embed_folder_skips_bad_files(copy_real, tmp_path: Path, volumes: Path):
     )
     with np.load(out) as z:
         assert z["features"].shape[0] == 3
+
+
+def test_probe_reports_the_random_init_floor(tmp_path: Path, capsys):
+    import torch
+
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    torch.manual_seed(1)
+    ckpt = save_encoder(build_encoder("resconv_tiny"), tmp_path / "enc", Preprocessing())
+    out = tmp_path / "probe.json"
+    assert main(["probe", str(ckpt), "--dataset", "adrenalmnist3d", "--json", str(out), "-q"]) == 0
+    table = capsys.readouterr().out
+    assert "random-init, same shape" in table and str(ckpt) in table
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2
+    for r in results.values():
+        assert r["n"] == {"train": 1188, "val": 98, "test": 298}
+        assert 0.0 <= r["metrics"]["auc"] <= 1.0
+        lo, hi = r["intervals"]["auc"]
+        assert lo <= r["metrics"]["auc"] <= hi
+
+
+def test_masks_command_summarises_a_folder(copy_real, tmp_path: Path, capsys):
+    copy_real(
+        "totalsegmentator/example_mr_sm.nii.gz", "nibabel/anatomical.nii", dest=tmp_path / "d"
+    )
+    assert main(["masks", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "example_mr_sm.nii.gz" in out and "anatomical.nii" in out
+
+
+def test_segment_command_writes_a_mask_on_the_query_grid(tmp_path: Path, volumes: Path):
+    import nibabel as nib
+    import torch
+
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+    from omnienc.pretext.incontext import HeadConfig, InContextHead
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resconv_tiny")
+    cfg = HeadConfig(dim=16, num_heads=2)
+    head = InContextHead(encoder.feature_info, cfg)
+    ckpt = save_encoder(
+        encoder,
+        tmp_path / "enc",
+        Preprocessing(spacing=(6.0, 6.0, 6.0)),
+        meta={"incontext_head": cfg.to_dict(), "crop_size": [32, 32, 32]},
+        extra={"incontext_head": head},
+    )
+    t = volumes / "totalsegmentator"
+    out = tmp_path / "liver.nii.gz"
+    assert (
+        main(
+            [
+                "segment",
+                str(ckpt),
+                "--support",
+                str(t / "example_ct_sm.nii.gz"),
+                str(t / "example_seg.nii.gz"),
+                "--label",
+                "5",
+                "--query",
+                str(t / "example_mr_sm.nii.gz"),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    query = nib.load(t / "example_mr_sm.nii.gz")
+    seg = nib.load(out)
+    assert seg.shape == query.shape
+    assert np.allclose(seg.affine, query.affine, atol=1e-4)
+
+
+def test_segment_without_head_is_a_clean_error(tmp_path: Path, volumes: Path, capsys):
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    ckpt = save_encoder(build_encoder("resconv_tiny"), tmp_path / "enc", Preprocessing())
+    t = volumes / "totalsegmentator"
+    code = main(
+        [
+            "segment",
+            str(ckpt),
+            "--support",
+            str(t / "example_ct_sm.nii.gz"),
+            str(t / "example_seg.nii.gz"),
+            "--query",
+            str(t / "example_ct_sm.nii.gz"),
+            "-o",
+            str(tmp_path / "o.nii.gz"),
+        ]
+    )
+    assert code == 1
+    assert "no in-context head" in capsys.readouterr().err
