@@ -16,8 +16,13 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     }
 
 
-def config_from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
+def config_from_dict(cls: type[T], d: Mapping[str, Any], what: str | None = None) -> T:
     """Build config dataclass ``cls`` from a dict; lists become tuples.
+
+    Args:
+        cls: The dataclass.
+        d: Its fields; missing ones take their defaults.
+        what: How the error message names the config (default: the class name).
 
     Raises:
         ValueError: A key is unknown (the message lists the known ones) or a value is invalid.
@@ -25,6 +30,7 @@ def config_from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        label = what or cls.__name__
+        raise ValueError(f"unknown {label} keys {sorted(unknown)}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return cls(**kwargs)

@@ -7,10 +7,11 @@ exactly what it saw in pretraining. The MONAI pipeline built from it lives in
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from omnienc.config import config_from_dict, config_to_dict
 
 # Modalities omnienc knows. ``unknown`` is normalised like MR (percentile clip + z-score).
 MODALITIES = ("CT", "MR", "PET", "unknown")
@@ -86,9 +87,7 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
@@ -97,11 +96,4 @@ class Preprocessing:
         Raises:
             ValueError: A key is unknown or a value is invalid.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}"
-            )
-        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kwargs)
+        return config_from_dict(cls, d, "preprocessing")

@@ -16,7 +16,6 @@ Both losses gather embeddings from every rank under DDP (``gather_distributed=Tr
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,8 @@ import torch
 from lightly.loss import NTXentLoss, VICRegLoss
 from lightly.models.modules.heads import SimCLRProjectionHead, VICRegProjectionHead
 from torch import nn
+
+from omnienc.config import config_from_dict, config_to_dict
 
 KINDS = ("ntxent", "vicreg")
 
@@ -56,8 +57,8 @@ class ContrastiveConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """Return a JSON-serialisable dict (tuples become lists)."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ContrastiveConfig:
@@ -66,13 +67,7 @@ class ContrastiveConfig:
         Raises:
             ValueError: A key is unknown or a value is invalid.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown ContrastiveConfig keys {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class ContrastiveObjective(nn.Module):

@@ -48,7 +48,6 @@ atomically; a damaged entry is rebuilt with a warning.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import io
@@ -70,6 +69,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from omnienc.atomic import atomic_target
+from omnienc.config import config_from_dict, config_to_dict
 from omnienc.data.folder import ManifestEntry, VolumeFolder
 from omnienc.errors import DataError
 
@@ -209,9 +209,7 @@ class MaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskConfig:
@@ -220,12 +218,7 @@ class MaskConfig:
         Raises:
             ValueError: A key is unknown or a value is invalid.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown mask config keys {sorted(unknown)}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kwargs)
+        return config_from_dict(cls, d, "mask config")
 
     def digest(self) -> str:
         """A short hash of the parameters (and the cache format version)."""

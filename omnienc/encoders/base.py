@@ -15,13 +15,14 @@ frozen config dataclass (subclass of :class:`EncoderConfig`) that a checkpoint s
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+
+from omnienc.config import config_from_dict, config_to_dict
 
 C = TypeVar("C", bound="EncoderConfig")
 
@@ -42,9 +43,7 @@ class EncoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
@@ -53,9 +52,7 @@ class EncoderConfig:
         Raises:
             ValueError: A key is unknown or a value is invalid.
         """
-        _check_keys(cls, d)
-        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kwargs)
+        return config_from_dict(cls, d)
 
     def replace(self: C, **overrides: Any) -> C:
         """Return a copy with some fields changed.
@@ -63,15 +60,7 @@ class EncoderConfig:
         Raises:
             ValueError: A key is unknown or a value is invalid.
         """
-        _check_keys(type(self), overrides)
-        return dataclasses.replace(self, **overrides)
-
-
-def _check_keys(cls: type[EncoderConfig], d: Mapping[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        return config_from_dict(type(self), {**self.to_dict(), **overrides})
 
 
 class Encoder(nn.Module):
