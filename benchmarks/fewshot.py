@@ -18,6 +18,7 @@ the query's native grid. Three methods run through the same code:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -56,13 +57,8 @@ def intensity_prototype(
     Returns:
         ``(X, Y, Z)`` bool on the query's native grid.
     """
-    pre = Preprocessing(
-        spacing=pre.spacing,
-        ct_window=pre.ct_window,
-        percentiles=pre.percentiles,
-        crop_foreground=False,
-        spatial_size=None,
-    )
+    # The query is not cropped, as in omnienc.pretext.segment: predictions map back to its grid.
+    pre = dataclasses.replace(pre, crop_foreground=False, spatial_size=None)
     s = preprocess_volume(support, pre, label=support_mask.astype(np.int64))
     values = s["image"][0][s["label"][0] > 0]
     mu, sigma = float(values.mean()), float(values.std())

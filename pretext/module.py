@@ -183,17 +183,9 @@ class PretrainModule(pl.LightningModule):
             "epoch": int(self.current_epoch),
             "crop_size": list(self.crop_size),
             "incontext_head": asdict(self.config.head),
-            "model": _jsonable(asdict(self.config)),
+            "model": asdict(self.config),  # tuples are written as JSON lists
         }
 
     def heads(self) -> dict[str, nn.Module]:
         """Modules exported beside the encoder."""
         return {"incontext_head": self.head}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
