@@ -4,6 +4,10 @@ One encoder pass over both crops serves both objectives (DESIGN.md, "Pretext"): 
 query crops are encoded together; the in-context head segments, in the query, each task given by
 a mask on the reference (MASS, https://arxiv.org/abs/2603.13660); the pooled deepest features of
 the two crops are the two views of the contrastive loss.
+
+``model.recipe: monai_ssl`` trains the same encoder on the same pairs with the peer baseline
+instead (:mod:`omnienc.pretext.monai_ssl`: inpainting + rotation + contrastive), so both recipes
+share the CLI, data, budget and export.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from omnienc.encoders.base import Encoder
 from omnienc.errors import OmniencError
 from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
 from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
+from omnienc.pretext.monai_ssl import MonaiSSLConfig, MonaiSSLObjective
+
+RECIPES = ("mass", "monai_ssl")
 
 
 class NonFiniteLossError(OmniencError):
@@ -32,12 +39,15 @@ class ModelConfig:
     """The method: encoder, heads, loss weights and optimiser.
 
     Attributes:
+        recipe: ``"mass"`` (in-context segmentation + contrastive) or ``"monai_ssl"`` (the peer
+            baseline: MONAI's inpainting + rotation + contrastive recipe).
         encoder: A name in :data:`omnienc.encoders.ENCODERS`.
         encoder_overrides: Config fields of that encoder to change.
         head: The in-context segmentation head.
         contrastive: The contrastive projection head and loss.
-        incontext_weight: Weight of Dice + BCE; 0 switches the objective off.
-        contrastive_weight: Weight of the contrastive loss; 0 switches it off.
+        incontext_weight: Weight of Dice + BCE; 0 switches the objective off (``mass``).
+        contrastive_weight: Weight of the contrastive loss; 0 switches it off (``mass``).
+        monai_ssl: Losses and corruptions of the ``monai_ssl`` recipe.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the cosine decay.
@@ -46,12 +56,14 @@ class ModelConfig:
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
     """
 
+    recipe: str = "mass"
     encoder: str = "resconv_small"
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     head: HeadConfig = field(default_factory=HeadConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     incontext_weight: float = 1.0
     contrastive_weight: float = 1.0
+    monai_ssl: MonaiSSLConfig = field(default_factory=MonaiSSLConfig)
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
@@ -59,6 +71,8 @@ class ModelConfig:
     min_lr_ratio: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.incontext_weight < 0 or self.contrastive_weight < 0:
             raise ValueError("loss weights must be >= 0")
         if self.incontext_weight == 0 and self.contrastive_weight == 0:
@@ -67,6 +81,14 @@ class ModelConfig:
     @property
     def method(self) -> str:
         """A short name of the objectives in use, recorded in the exported checkpoint."""
+        if self.recipe == "monai_ssl":
+            ssl = self.monai_ssl
+            weights = {
+                "inpaint": ssl.inpaint_weight,
+                "rotation": ssl.rotation_weight,
+                "contrastive": ssl.contrastive_weight,
+            }
+            return "monai_ssl(" + "+".join(k for k, w in weights.items() if w > 0) + ")"
         parts = []
         if self.incontext_weight > 0:
             parts.append("incontext")
@@ -76,20 +98,36 @@ class ModelConfig:
 
 
 class PretrainModule(pl.LightningModule):
-    """Encoder + in-context head + contrastive objective.
+    """Encoder + the objectives of ``config.recipe``.
+
+    Only the modules of objectives in use are built, so that DDP finds no unused parameters.
 
     Args:
         config: The :class:`ModelConfig`.
         crop_size: Crop size of the pairs, ``(S, S, S)``.
+        seed: Seeds the ``monai_ssl`` corruptions (with the step and the rank).
     """
 
-    def __init__(self, config: ModelConfig, crop_size: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, crop_size: tuple[int, int, int], seed: int = 0) -> None:
         super().__init__()
         self.config = config
         self.crop_size = tuple(int(s) for s in crop_size)
+        self.seed = int(seed)
         self.encoder: Encoder = build_encoder(config.encoder, **config.encoder_overrides)
-        self.head = InContextHead(self.encoder.feature_info, config.head)
-        self.contrastive = ContrastiveObjective(self.encoder.embed_dim, config.contrastive)
+        mass = config.recipe == "mass"
+        self.head = (
+            InContextHead(self.encoder.feature_info, config.head)
+            if mass and config.incontext_weight > 0
+            else None
+        )
+        self.contrastive = (
+            ContrastiveObjective(self.encoder.embed_dim, config.contrastive)
+            if mass and config.contrastive_weight > 0
+            else None
+        )
+        self.monai_ssl = (
+            None if mass else MonaiSSLObjective(self.encoder, self.crop_size, config.monai_ssl)
+        )
         self.schedule_steps: int | None = config.schedule_steps
 
     def forward_pair(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,19 +141,22 @@ class PretrainModule(pl.LightningModule):
             ``loss`` (weighted sum) and its parts ``incontext``, ``dice``, ``contrastive``.
         """
         ref, query = batch["ref_image"], batch["query_image"]
+        if self.monai_ssl is not None:
+            seed = (self.seed * 1_000_003 + int(self.global_step)) * 1_009 + self.global_rank
+            return self.monai_ssl(self.encoder, ref, query, seed=seed)
         b = ref.shape[0]
         feats = self.encoder.forward_intermediates(torch.cat([ref, query]))
         ref_feats = [f[:b] for f in feats]
         query_feats = [f[b:] for f in feats]
         out: dict[str, torch.Tensor] = {}
         loss = ref.new_zeros(())
-        if self.config.incontext_weight > 0:
+        if self.head is not None:
             logits = self.head(ref_feats, batch["ref_masks"], query_feats, tuple(query.shape[2:]))
             ic = incontext_loss(logits, batch["query_masks"], batch["task_valid"])
             loss = loss + self.config.incontext_weight * ic["loss"]
             out["incontext"] = ic["loss"].detach()
             out["dice"] = ic["dice"]
-        if self.config.contrastive_weight > 0:
+        if self.contrastive is not None:
             pooled = feats[-1].mean(dim=(2, 3, 4))  # (2B, E): the encoder's own pooling
             c = self.contrastive(pooled[:b], pooled[b:])
             loss = loss + self.config.contrastive_weight * c
@@ -182,10 +223,10 @@ class PretrainModule(pl.LightningModule):
             "step": int(self.global_step),
             "epoch": int(self.current_epoch),
             "crop_size": list(self.crop_size),
-            "incontext_head": asdict(self.config.head),
+            "incontext_head": asdict(self.config.head) if self.head is not None else None,
             "model": asdict(self.config),  # tuples are written as JSON lists
         }
 
     def heads(self) -> dict[str, nn.Module]:
-        """Modules exported beside the encoder."""
-        return {"incontext_head": self.head}
+        """Modules exported beside the encoder (the in-context head, when trained)."""
+        return {} if self.head is None else {"incontext_head": self.head}

@@ -197,7 +197,7 @@ def pretrain(config: PretrainConfig) -> Path:
         logger.warning("resuming from %s", ckpt_path)
     pl.seed_everything(config.seed, workers=True)
     datamodule = PretrainDataModule(config.data, data_root=config.data_root, seed=config.seed)
-    module = PretrainModule(config.model, config.data.pair.crop_size)
+    module = PretrainModule(config.model, config.data.pair.crop_size, seed=config.seed)
     trainer = build_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     return run_dir / "encoder"

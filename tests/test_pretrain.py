@@ -85,6 +85,34 @@ def test_pretrain_exports_a_loadable_encoder(tmp_path: Path, tiny_data: Path):
     assert not list(run.rglob("*.tmp*"))
 
 
+def test_contrastive_only_exports_no_untrained_head(tmp_path: Path, tiny_data: Path):
+    cfg = _config(tmp_path, tiny_data, max_steps=2)
+    assert main(["pretrain", "--config", str(cfg), "--model.incontext_weight", "0"]) == 0
+    config = load_checkpoint_config(tmp_path / "run" / "encoder")
+    assert config["meta"]["pretext"] == "ntxent"
+    assert "incontext_head" not in config.get("extra", {})
+
+
+def test_monai_ssl_recipe_trains_the_same_encoder(tmp_path: Path, tiny_data: Path):
+    cfg = _config(tmp_path, tiny_data, max_steps=3, log_every_n_steps=1)
+    assert main(["pretrain", "--config", str(cfg), "--model.recipe", "monai_ssl"]) == 0
+    run = tmp_path / "run"
+    encoder, _ = load_encoder(run / "encoder")
+    assert encoder.family == "resconv"
+    config = load_checkpoint_config(run / "encoder")
+    assert config["meta"]["pretext"] == "monai_ssl(inpaint+rotation+contrastive)"
+    assert config["meta"]["step"] == 3
+    assert "incontext_head" not in config.get("extra", {})
+    losses = _losses(run)
+    assert len(losses) == 3 and all(v == v for v in losses.values())
+
+
+def test_monai_ssl_recipe_rejects_an_unknown_recipe(tmp_path: Path, tiny_data: Path, capsys):
+    cfg = _config(tmp_path, tiny_data)
+    assert main(["pretrain", "--config", str(cfg), "--model.recipe", "mae"]) == 2
+    assert "recipe must be one of" in capsys.readouterr().err
+
+
 def test_overrides_and_unknown_keys(tmp_path: Path, tiny_data: Path, capsys):
     cfg = _config(tmp_path, tiny_data)
     code = main(["pretrain", "--config", str(cfg), "--model.no_such_key", "1"])
