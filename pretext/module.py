@@ -179,10 +179,18 @@ class PretrainModule(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)  # type: ignore[union-attr]
         return out["loss"]
 
-    def on_train_epoch_start(self) -> None:
+    def _sync_data_step(self) -> None:
         dm = self.trainer.datamodule  # type: ignore[attr-defined]
         if dm is not None and hasattr(dm, "set_step"):
             dm.set_step(self.global_step)
+
+    def on_train_start(self) -> None:
+        # A run resumed from an epoch-end checkpoint finishes that epoch without calling
+        # on_train_epoch_start: key its next batch on the restored step here.
+        self._sync_data_step()
+
+    def on_train_epoch_start(self) -> None:
+        self._sync_data_step()
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config

@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 
 from omnienc.atomic import atomic_target
 from omnienc.checkpoint import save_encoder
@@ -105,15 +105,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from exc
 
 
+class PeriodicCheckpoint(Callback):
+    """Write ``last.ckpt`` every ``every_n_epochs`` epochs and when training ends.
+
+    Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)`` writes ``last.ckpt`` only when
+    training ends (its epoch-end save of ``last`` follows a top-k save), which would lose a killed
+    run; this callback saves through the trainer (so through :class:`AtomicCheckpointIO`, and
+    with every callback's ``on_save_checkpoint``, hence the encoder export) on every rank, as
+    ``trainer.save_checkpoint`` requires.
+
+    Args:
+        path: The checkpoint file, ``RUN_DIR/checkpoints/last.ckpt``.
+        every_n_epochs: Epochs between saves, >= 1.
+    """
+
+    def __init__(self, path: Path, every_n_epochs: int = 1) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"checkpoint_every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.path = path
+        self.every_n_epochs = every_n_epochs
+        self._saved_step = -1
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step == self._saved_step or trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+
 class ExportEncoder(Callback):
     """Export the encoder + in-context head with every checkpoint and at the end of training."""
 
     def __init__(self, folder: Path, preprocessing: Any) -> None:
         self.folder = folder
         self.preprocessing = preprocessing
+        self._exported_step = -1
 
     def _export(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not isinstance(module, PretrainModule):
+            return
+        if trainer.global_step == self._exported_step:
             return
         save_encoder(
             module.encoder,
@@ -122,6 +160,7 @@ class ExportEncoder(Callback):
             meta=module.export_meta(),
             extra=module.heads(),
         )
+        self._exported_step = trainer.global_step
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -154,17 +193,8 @@ def build_trainer(config: PretrainConfig, run_dir: Path) -> pl.Trainer:
     kwargs: dict[str, Any] = {**TRAINER_DEFAULTS, **config.trainer}
     if kwargs.get("max_steps", -1) in (None, -1) and not kwargs.get("max_time"):
         raise ValueError("set trainer.max_steps or trainer.max_time: a run needs an end")
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="epoch{epoch:04d}",
-        auto_insert_metric_name=False,
-        save_last=True,
-        save_top_k=0,
-        every_n_epochs=config.checkpoint_every_n_epochs,
-        save_on_train_epoch_end=True,
-    )
     callbacks: list[Callback] = [
-        ckpt,
+        PeriodicCheckpoint(run_dir / "checkpoints" / "last.ckpt", config.checkpoint_every_n_epochs),
         ExportEncoder(run_dir / "encoder", config.data.preprocessing),
     ]
     loggers = [
@@ -173,6 +203,7 @@ def build_trainer(config: PretrainConfig, run_dir: Path) -> pl.Trainer:
     ]
     return pl.Trainer(
         default_root_dir=run_dir,
+        enable_checkpointing=False,  # PeriodicCheckpoint writes last.ckpt
         callbacks=callbacks,
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
@@ -221,7 +252,7 @@ def build_parser() -> Any:
         pl.Trainer,
         "__init__",
         "trainer",
-        skip={"callbacks", "logger", "plugins", "default_root_dir"},
+        skip={"callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing"},
         fail_untyped=False,
     )
     parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from omnienc.checkpoint import load_checkpoint_config, load_encoder
@@ -83,6 +84,27 @@ def test_pretrain_exports_a_loadable_encoder(tmp_path: Path, tiny_data: Path):
     losses = _losses(run)
     assert len(losses) >= 3 and all(v == v and abs(v) < 1e6 for v in losses.values())
     assert not list(run.rglob("*.tmp*"))
+
+
+def test_checkpoint_written_every_epoch_not_only_at_the_end(
+    tmp_path: Path, tiny_data: Path, monkeypatch
+):
+    import pytorch_lightning as pl
+
+    saved: list[int] = []
+    save = pl.Trainer.save_checkpoint
+
+    def record(trainer: pl.Trainer, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saved.append(trainer.global_step)
+        return save(trainer, path, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", record)
+    cfg = _config(tmp_path, tiny_data, max_steps=6)  # steps_per_epoch 2: epochs end at 2, 4, 6
+    assert main(["pretrain", "--config", str(cfg)]) == 0
+    assert saved == [2, 4, 6]
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
 
 
 def test_contrastive_only_exports_no_untrained_head(tmp_path: Path, tiny_data: Path):
@@ -169,6 +191,7 @@ def test_empty_volume_folder_is_a_clear_error(tmp_path: Path, capsys):
 def test_kill_minus_9_then_resume(tmp_path: Path, tiny_data: Path):
     cfg = _config(tmp_path, tiny_data, max_steps=40)
     run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(
         [OMNIENC, "pretrain", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,
@@ -177,10 +200,13 @@ def test_kill_minus_9_then_resume(tmp_path: Path, tiny_data: Path):
     deadline = time.time() + 240
     while not (run / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.5)
-    assert (run / "checkpoints" / "last.ckpt").exists(), "no checkpoint appeared"
+    assert last.exists(), "no checkpoint appeared"
     time.sleep(1.0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The kill landed mid-run: the checkpoint is a periodic one, not the end-of-training one.
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= killed_at < 40, killed_at
     assert load_encoder(run / "encoder")  # the export survived the kill
     out = subprocess.run(
         [OMNIENC, "pretrain", "--config", str(cfg)], capture_output=True, text=True, timeout=600
