@@ -44,9 +44,20 @@ class StepTimer(Callback):
 
 
 def measure(
-    encoder: str, crop: int, batch_size: int, steps: int, warmup: int, workers: int
+    encoder: str,
+    crop: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    workers: int,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Lightning and plain-loop timings of ``steps`` steps after ``warmup``."""
+    """Lightning and plain-loop timings of ``steps`` steps after ``warmup``.
+
+    On ``accelerator="gpu"`` the plain loop moves the pre-fetched batches to the GPU first and
+    runs under bf16 autocast when ``precision`` is ``"bf16-mixed"``, as Lightning does.
+    """
     data_cfg = DataConfig(
         batch_size=batch_size,
         steps_per_epoch=steps + warmup,
@@ -61,7 +72,9 @@ def measure(
     module = PretrainModule(model_cfg, data_cfg.pair.crop_size)
     timer = StepTimer(warmup)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,  # type: ignore[arg-type]
         max_steps=steps + warmup,
         logger=False,
         enable_checkpointing=False,
@@ -75,19 +88,31 @@ def measure(
 
     # The same batches, fetched first, through a plain loop.
     dm.set_step(0)
-    batches = list(dm.train_dataloader())[warmup:]
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    batches = [
+        {k: v.to(device) for k, v in b.items()} for b in list(dm.train_dataloader())[warmup:]
+    ]
     torch.manual_seed(0)
-    plain = PretrainModule(model_cfg, data_cfg.pair.crop_size).train()
+    plain = PretrainModule(model_cfg, data_cfg.pair.crop_size).to(device).train()
     opt = torch.optim.AdamW(plain.parameters(), lr=model_cfg.lr)
-    for batch in batches[:2]:  # warm-up of the plain loop
-        plain.forward_pair(batch)["loss"].backward()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        with autocast:
+            loss = plain.forward_pair(batch)["loss"]
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for batch in batches[:2]:  # warm-up of the plain loop
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for batch in batches:
-        plain.forward_pair(batch)["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     plain_s = time.perf_counter() - start
     crops = 2 * batch_size * steps
     return {
@@ -96,6 +121,8 @@ def measure(
         "batch_size": batch_size,
         "steps": steps,
         "num_workers": workers,
+        "accelerator": accelerator,
+        "precision": precision,
         "lightning_s": round(lightning_s, 2),
         "plain_s": round(plain_s, 2),
         "lightning_crops_per_s": round(crops / lightning_s, 2),
@@ -116,17 +143,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_throughput"))
     args = p.parse_args(argv)
     rows = [
-        measure(args.encoder, args.crop, args.batch_size, args.steps, args.warmup, w)
+        measure(
+            args.encoder,
+            args.crop,
+            args.batch_size,
+            args.steps,
+            args.warmup,
+            w,
+            accelerator=args.accelerator,
+            precision=args.precision,
+        )
         for w in args.workers
     ]
     command = "python -m omnienc.benchmarks.pretrain_throughput " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    where = (
+        f"{torch.cuda.get_device_name()} ({args.precision})" if args.accelerator == "gpu" else "CPU"
+    )
     lines = [
-        "# Pretraining throughput on CPU",
+        f"# Pretraining throughput on {where}",
         "",
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, "
