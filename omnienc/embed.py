@@ -93,11 +93,24 @@ def pad_to_stride(image: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.nn.functional.pad(image, pads, value=float(image.min()))
 
 
-@torch.inference_mode()
-def _encode(encoder: Encoder, batch: torch.Tensor) -> np.ndarray:
+def encoder_input(encoder: Encoder, batch: torch.Tensor) -> torch.Tensor:
+    """A batch ready for ``encoder``: padded to its coarsest stride, on its device and dtype.
+
+    Args:
+        encoder: The encoder that will take the batch.
+        batch: ``(B, C, X, Y, Z)``.
+
+    Returns:
+        ``(B, C, X', Y', Z')`` as :func:`pad_to_stride` makes it.
+    """
     param = next(encoder.parameters())
     batch = pad_to_stride(batch, max(int(f["reduction"]) for f in encoder.feature_info))
-    return encoder(batch.to(device=param.device, dtype=param.dtype)).float().cpu().numpy()
+    return batch.to(device=param.device, dtype=param.dtype)
+
+
+@torch.inference_mode()
+def _encode(encoder: Encoder, batch: torch.Tensor) -> np.ndarray:
+    return encoder(encoder_input(encoder, batch)).float().cpu().numpy()
 
 
 def _volume_items(
