@@ -364,6 +364,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser(
+        "bench",
+        help="the benchmark suite: probes, baselines, label efficiency -> results tables",
+        description="Run frozen probes (linear, kNN, attention head) of an encoder and of a "
+        "random-init encoder of the same shape, supervised-from-scratch and fine-tuning "
+        "baselines, at several fractions of the training labels; write JSON + Markdown.",
+    )
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{classification,all}")
+    for name, text in (
+        ("classification", "one MedMNIST set"),
+        ("all", "every set on disk here (AdrenalMNIST3D 28 and 64, BreastMNIST 28)"),
+    ):
+        b = bench.add_parser(name, help=text, description=f"Benchmark: {text}.")
+        b.add_argument(
+            "--encoder",
+            metavar="CKPT",
+            help="exported encoder folder, or random:ARCH[:SEED] "
+            f"(default: {SHIPPED_CHECKPOINT} when it exists)",
+        )
+        if name == "classification":
+            b.add_argument("--dataset", default="adrenalmnist3d", help="any MedMNIST flag")
+            b.add_argument("--size", type=int, default=28)
+        b.add_argument(
+            "--methods", nargs="+", help="subset of linear knn attention scratch finetune"
+        )
+        b.add_argument("--fractions", nargs="+", type=float, help="default: 0.01 0.1 1")
+        b.add_argument("--head-seeds", nargs="+", type=int, default=[0, 1, 2])
+        b.add_argument("--steps", type=int, default=200, help="end-to-end budget in steps")
+        b.add_argument("--encoder-lr-scale", type=float, default=0.1, help="for fine-tuning")
+        b.add_argument("--no-floor", action="store_true", help="skip the random-init encoder")
+        b.add_argument("--out", type=Path, help="results path without suffix")
+        b.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/omnienc)")
+        b.add_argument("--no-cache", action="store_true", help="do not cache features")
+        b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        _add_data_arg(b)
+        b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
         "pretrain",
         help="pretrain the shared encoder (Lightning)",
         add_help=False,
@@ -399,6 +436,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENCH_ALL = (
+    # (flag, size, methods, fractions): the whole suite on the 28^3 / 28x28 sets; AdrenalMNIST3D
+    # at 64^3 gets the frozen linear and kNN probes at 100% only, to stay inside the CPU budget.
+    ("adrenalmnist3d", 28, None, None),
+    ("breastmnist", 28, None, None),
+    ("adrenalmnist3d", 64, ("linear", "knn"), (1.0,)),
+)
+SHIPPED_CHECKPOINT = Path("checkpoints/omnienc-cpu30min")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``omnienc bench classification|all``: the benchmark suite -> JSON + Markdown tables."""
+    from omnienc.adapters.features import default_cache_dir
+    from omnienc.adapters.finetune import FinetuneConfig
+    from omnienc.benchmarks.classification import (
+        DEFAULT_FRACTIONS,
+        METHODS,
+        command_line,
+        machine_facts,
+        run_classification,
+        write_results,
+    )
+    from omnienc.data.root import resolve_data_root
+
+    root = resolve_data_root(args.data) / "medmnist"
+    encoder = args.encoder
+    if encoder is None:
+        if not SHIPPED_CHECKPOINT.is_dir():
+            raise SystemExit(
+                f"omnienc bench: give --encoder CKPT or random:ARCH (no {SHIPPED_CHECKPOINT} here)"
+            )
+        encoder = str(SHIPPED_CHECKPOINT)
+    finetune = FinetuneConfig(steps=args.steps, encoder_lr_scale=args.encoder_lr_scale)
+    if args.bench_command == "classification":
+        jobs = [(args.dataset, args.size, args.methods, args.fractions)]
+        default_out = Path(f"benchmarks/results/bench/classification_{args.dataset}_{args.size}")
+    else:
+        jobs = list(BENCH_ALL)
+        default_out = Path("benchmarks/results/bench/all")
+    machine = machine_facts()
+    payloads = []
+    for flag, size, methods, fractions in jobs:
+        payload = run_classification(
+            flag,
+            size,
+            encoder,
+            medmnist_root=root,
+            fractions=tuple(fractions or args.fractions or DEFAULT_FRACTIONS),
+            methods=tuple(methods or args.methods or METHODS),
+            head_seeds=tuple(args.head_seeds),
+            finetune=finetune,
+            floor=not args.no_floor,
+            cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+            progress=not args.quiet,
+        )
+        payload["machine"] = machine
+        payloads.append(payload)
+    json_path, md_path = write_results(payloads, args.out or default_out, command_line(args.argv))
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``omnienc`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -410,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return pretrain_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for results files
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="omnienc: %(levelname)s: %(message)s",

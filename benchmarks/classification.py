@@ -1,0 +1,425 @@
+"""``omnienc bench classification``: frozen probes, baselines and label efficiency on MedMNIST.
+
+For one MedMNIST set and one encoder (an exported checkpoint, or ``random:ARCH``), every method
+runs on the same splits with the same code, at each fraction of the training labels
+(stratified, seeded; validation and test stay whole):
+
+* frozen encoder: ``linear`` (logistic regression), ``knn`` (cosine kNN), ``attention`` (an
+  attention-pooling head on the deepest feature map, mean and spread over seeds), for the
+  encoder under test and for a random-init encoder of the same shape (the floor);
+* ``scratch``: the same architecture trained end-to-end with labels from random init, under a
+  stated step budget;
+* ``finetune``: the encoder under test trained end-to-end from its weights, same budget, encoder
+  learning rate 0.1x.
+
+The result is a JSON payload (every metric with its bootstrap interval, the exact command, the
+checkpoint and data-file hashes, the machine and the time taken) and a Markdown table beside the
+published anchors of :mod:`omnienc.benchmarks.anchors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnienc.adapters.features import (
+    FeatureSet,
+    checkpoint_id,
+    extract_features,
+    random_checkpoint_id,
+)
+from omnienc.adapters.finetune import (
+    FinetuneConfig,
+    copy_encoder,
+    label_counts,
+    stratified_fraction,
+    train_classifier,
+)
+from omnienc.adapters.probes import ProbeResult, knn_probe, linear_probe, train_head_probe
+from omnienc.atomic import write_bytes_atomic
+from omnienc.benchmarks.anchors import ANCHORS, CITATION
+from omnienc.benchmarks.machine import cpu_model
+from omnienc.checkpoint import load_encoder
+from omnienc.data.medmnist import MedMNIST
+from omnienc.encoders import build_encoder, encoder_from_config
+from omnienc.encoders.base import Encoder
+
+FROZEN_METHODS = ("linear", "knn", "attention")
+TRAINED_METHODS = ("scratch", "finetune")
+METHODS = FROZEN_METHODS + TRAINED_METHODS
+DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
+RANDOM_PREFIX = "random:"
+
+
+@dataclass
+class EncoderUnderTest:
+    """An encoder with the identifiers a result must carry.
+
+    Attributes:
+        encoder: The (frozen) encoder.
+        checkpoint: ``sha256:HEX`` of an exported checkpoint or ``random:ARCH:SEED``.
+        arch: Registered architecture name.
+        source: What the user passed (a folder or ``random:ARCH``).
+    """
+
+    encoder: Encoder
+    checkpoint: str
+    arch: str
+    source: str
+
+    @property
+    def is_random(self) -> bool:
+        """Whether this is a random-init encoder."""
+        return self.checkpoint.startswith(RANDOM_PREFIX)
+
+
+def resolve_encoder(spec: str | Path, seed: int = 0) -> EncoderUnderTest:
+    """An exported checkpoint folder, or ``random:ARCH`` / ``random:ARCH:SEED``.
+
+    Raises:
+        ValueError: Unknown architecture.
+        CheckpointError: The folder is not a loadable checkpoint.
+    """
+    text = str(spec)
+    if text.startswith(RANDOM_PREFIX):
+        parts = text[len(RANDOM_PREFIX) :].split(":")
+        arch = parts[0]
+        seed = int(parts[1]) if len(parts) > 1 else seed
+        torch.manual_seed(seed)
+        return EncoderUnderTest(
+            build_encoder(arch),
+            random_checkpoint_id(arch, seed),
+            arch,
+            random_checkpoint_id(arch, seed),
+        )
+    encoder, _ = load_encoder(spec)
+    from omnienc.encoders import arch_name
+
+    return EncoderUnderTest(encoder, checkpoint_id(spec), arch_name(encoder), str(spec))
+
+
+def floor_of(under_test: EncoderUnderTest, seed: int = 0) -> EncoderUnderTest:
+    """A random-init encoder of the same shape (same family and config), seeded."""
+    torch.manual_seed(seed)
+    enc = under_test.encoder
+    floor = encoder_from_config(enc.family, enc.config.to_dict())
+    cid = random_checkpoint_id(under_test.arch, seed)
+    return EncoderUnderTest(floor, cid, under_test.arch, cid)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a data file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _result_row(
+    encoder: str, method: str, fraction: float, result: ProbeResult, seconds: float
+) -> dict[str, Any]:
+    params = {k: v for k, v in result.params.items() if k != "history"}
+    return {
+        "encoder": encoder,
+        "method": method,
+        "fraction": fraction,
+        "n_train": result.n.get("train"),
+        "metrics": result.metrics,
+        "intervals": result.intervals,
+        "params": params,
+        "spread": result.spread,
+        "seed_metrics": result.seed_metrics,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _split(
+    fs: FeatureSet, rows: np.ndarray | None = None, maps: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    assert fs.labels is not None, f"{fs.dataset} has no labels"
+    x = fs.maps if maps else fs.features
+    assert x is not None, f"{fs.dataset} was extracted without maps"
+    if rows is None:
+        return x, fs.labels
+    return x[rows], fs.labels[rows]
+
+
+def run_classification(
+    flag: str,
+    size: int,
+    encoder: str | Path,
+    *,
+    medmnist_root: Path,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    methods: Sequence[str] = METHODS,
+    head_seeds: Sequence[int] = (0, 1, 2),
+    finetune: FinetuneConfig | None = None,
+    floor: bool = True,
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run the benchmark on one MedMNIST set; return the JSON-able payload.
+
+    Args:
+        flag: MedMNIST flag (any flag the medmnist package knows, file on disk).
+        size: Image size.
+        encoder: Exported checkpoint folder, or ``random:ARCH[:SEED]``.
+        medmnist_root: Folder of the ``.npz`` files.
+        fractions: Fractions of the training labels, each in ``(0, 1]``.
+        methods: Subset of :data:`METHODS`.
+        head_seeds: Seeds of the attention head (mean and spread).
+        finetune: Budget of ``scratch`` and ``finetune`` (its ``encoder_lr_scale`` applies to
+            ``finetune``; ``scratch`` uses 1).
+        floor: Also run the frozen methods on a random-init encoder of the same shape.
+        cache_dir: Feature cache (``None``: no cache).
+        batch_size: Feature-extraction batch size.
+        progress: Progress bars.
+        log: Called with one line per finished row.
+
+    Returns:
+        ``{"dataset", "size", "task", "encoder", "rows": [...], "data_files", ...}``.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    start_all = time.perf_counter()
+    finetune = finetune or FinetuneConfig(steps=200, encoder_lr_scale=0.1)
+    under_test = resolve_encoder(encoder)
+    suts = [("random-init" if under_test.is_random else "pretrained", under_test)]
+    if floor and not under_test.is_random:
+        suts.append(("random-init", floor_of(under_test)))
+    splits = {s: MedMNIST(flag, s, size=size, root=medmnist_root) for s in ("train", "val", "test")}
+    want_maps = "attention" in methods
+    frozen = [m for m in methods if m in FROZEN_METHODS]
+    features: dict[str, dict[str, FeatureSet]] = {}
+    if frozen:
+        for label, sut in suts:
+            features[label] = {
+                s: extract_features(
+                    sut.encoder,
+                    f"medmnist:{flag}:{size}:{s}",
+                    checkpoint_id=sut.checkpoint,
+                    medmnist_root=medmnist_root,
+                    batch_size=batch_size,
+                    maps=want_maps,
+                    cache_dir=cache_dir,
+                    progress=progress,
+                )
+                for s in ("train", "val", "test")
+            }
+    train_labels = splits["train"].labels
+    rows: list[dict[str, Any]] = []
+    for fraction in fractions:
+        idx = stratified_fraction(train_labels, fraction, seed=0)
+        for label, _ in suts:
+            feats = features.get(label)
+            for method in frozen:
+                assert feats is not None
+                t0 = time.perf_counter()
+                if method == "attention":
+                    with _one_thread():  # tiny heads: threads only add overhead
+                        result = train_head_probe(
+                            _split(feats["train"], idx, maps=True),
+                            _split(feats["val"], maps=True),
+                            _split(feats["test"], maps=True),
+                            kind="attention",
+                            seeds=tuple(head_seeds),
+                        )
+                else:
+                    probe = linear_probe if method == "linear" else knn_probe
+                    result = probe(
+                        _split(feats["train"], idx), _split(feats["val"]), _split(feats["test"])
+                    )
+                rows.append(_result_row(label, method, fraction, result, time.perf_counter() - t0))
+                log(_row_line(flag, size, rows[-1]))
+        sub_train = MedMNIST(flag, "train", size=size, root=medmnist_root, indices=idx)
+        for method in (m for m in methods if m in TRAINED_METHODS):
+            if method == "scratch":
+                torch.manual_seed(0)
+                enc = encoder_from_config(
+                    under_test.encoder.family, under_test.encoder.config.to_dict()
+                )
+                cfg = FinetuneConfig(**{**finetune.to_dict(), "encoder_lr_scale": 1.0})
+                label = "random-init"
+            else:
+                if under_test.is_random:
+                    continue  # fine-tuning a random-init encoder is training from scratch
+                enc, cfg, label = copy_encoder(under_test.encoder), finetune, "pretrained"
+            t0 = time.perf_counter()
+            result = train_classifier(enc, sub_train, splits["val"], splits["test"], cfg)
+            rows.append(_result_row(label, method, fraction, result, time.perf_counter() - t0))
+            log(_row_line(flag, size, rows[-1]))
+    suffix = "" if size == 28 else f"_{size}"
+    data_file = Path(medmnist_root) / f"{flag}{suffix}.npz"
+    return {
+        "dataset": flag,
+        "size": size,
+        "task": splits["train"].task,
+        "encoder": {
+            "source": under_test.source,
+            "checkpoint": under_test.checkpoint,
+            "arch": under_test.arch,
+        },
+        "floor": floor_of(under_test).checkpoint if floor else None,
+        "fractions": list(fractions),
+        "train_label_counts": {
+            str(f): label_counts(train_labels[stratified_fraction(train_labels, f, seed=0)])
+            for f in fractions
+        },
+        "n": {s: len(d) for s, d in splits.items()},
+        "finetune": finetune.to_dict(),
+        "head_seeds": list(head_seeds),
+        "data_files": {data_file.name: file_sha256(data_file)} if data_file.is_file() else {},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start_all, 1),
+    }
+
+
+def _row_line(flag: str, size: int, row: dict[str, Any]) -> str:
+    m = row["metrics"]
+    return (
+        f"{flag} {size} | {row['encoder']:<11} {row['method']:<9} {100 * row['fraction']:g}% "
+        f"(n={row['n_train']}): AUC {m['auc']:.3f} ACC {m['acc']:.3f} ({row['seconds']:.0f} s)"
+    )
+
+
+def machine_facts() -> dict[str, Any]:
+    """Where and with what a benchmark ran."""
+    return {
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _fmt(row: dict[str, Any] | None, metric: str = "auc") -> str:
+    if row is None:
+        return "–"
+    value = row["metrics"][metric]
+    lo, hi = row["intervals"].get(metric, (float("nan"), float("nan")))
+    spread = row.get("spread", {}).get(metric)
+    text = f"{value:.3f} [{lo:.2f}, {hi:.2f}]"
+    return text + (f" ±{spread:.3f}" if spread is not None else "")
+
+
+METHOD_NAMES = {
+    "linear": "linear probe (frozen)",
+    "knn": "kNN, cosine (frozen)",
+    "attention": "attention-pool head (frozen)",
+    "scratch": "supervised from scratch (end-to-end)",
+    "finetune": "fine-tuned (end-to-end)",
+}
+
+
+def format_markdown(payloads: Sequence[dict[str, Any]], command: str) -> str:
+    """The Markdown report of one or more datasets' payloads."""
+    lines = [
+        "# Classification benchmark",
+        "",
+        f"Command: `{command}`  ",
+    ]
+    if payloads:
+        machine = payloads[0].get("machine", {})
+        lines += [
+            f"Machine: {machine.get('cpu')}, {machine.get('torch_threads')} torch threads, "
+            f"GPU: {machine.get('gpu') or 'none'}; {machine.get('date')}",
+            "",
+            "Test-split AUC with its bootstrap 95% interval (attention head: mean of "
+            f"{len(payloads[0]['head_seeds'])} seeds, ± their standard deviation). Each column "
+            "trains on that fraction of the training labels (stratified, seed 0; at least one "
+            "item per class); validation and test splits are whole. `pretrained` is the encoder "
+            "under test, `random-init` a random-init encoder of the same shape.",
+        ]
+    for p in payloads:
+        fracs = p["fractions"]
+        ft = p["finetune"]
+        lines += [
+            "",
+            f"## {p['dataset']} {p['size']} ({p['task']}; train/val/test "
+            f"{p['n']['train']}/{p['n']['val']}/{p['n']['test']})",
+            "",
+            f"Encoder: `{p['encoder']['source']}` ({p['encoder']['arch']}, "
+            f"`{p['encoder']['checkpoint'][:19]}…`); data: "
+            + ", ".join(f"`{k}` sha256 `{v[:12]}…`" for k, v in p["data_files"].items())
+            + f"; {p['seconds'] / 60:.1f} min in all.",
+            f"End-to-end budget: {ft['steps']} steps of batch {ft['batch_size']}, AdamW lr "
+            f"{ft['lr']:g} (fine-tuning: encoder lr x{ft['encoder_lr_scale']:g}), random flips, "
+            "best step on validation AUC.",
+            "",
+            "| encoder | method | "
+            + " | ".join(
+                f"AUC, {100 * f:g}% (n={sum(p['train_label_counts'][str(f)].values())})"
+                for f in fracs
+            )
+            + " | ACC, 100% |",
+            "|---|---|" + "---|" * (len(fracs) + 1),
+        ]
+        keys = []
+        for r in p["rows"]:
+            if (r["encoder"], r["method"]) not in keys:
+                keys.append((r["encoder"], r["method"]))
+        for enc, method in keys:
+            by_f = {
+                r["fraction"]: r for r in p["rows"] if r["encoder"] == enc and r["method"] == method
+            }
+            bold = "**" if enc == "pretrained" else ""
+            lines.append(
+                f"| {bold}{enc}{bold} | {METHOD_NAMES[method]} | "
+                + " | ".join(_fmt(by_f.get(f)) for f in fracs)
+                + f" | {_fmt(by_f.get(1.0), 'acc') if 1.0 in by_f else '–'} |"
+            )
+        anchors = ANCHORS.get((p["dataset"], p["size"]), [])
+        if anchors:
+            lines += [
+                "",
+                f"Published anchors, 100% of the labels (not re-run here; {CITATION}):",
+                "",
+                "| model | AUC | ACC | source we read it from |",
+                "|---|---:|---:|---|",
+            ]
+            lines += [f"| {a.model} | {a.auc:.3f} | {a.acc:.3f} | {a.source} |" for a in anchors]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(payloads: Sequence[dict[str, Any]], out: Path, command: str) -> tuple[Path, Path]:
+    """Write ``OUT.json`` and ``OUT.md`` atomically; return both paths."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": command, "results": list(payloads)}
+    json_path = write_bytes_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2).encode())
+    md_path = write_bytes_atomic(
+        out.with_suffix(".md"), format_markdown(payloads, command).encode()
+    )
+    return json_path, md_path
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as the user typed it, for the results file."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "omnienc " + " ".join(args)

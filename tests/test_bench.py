@@ -1,0 +1,100 @@
+"""``omnienc bench``: the classification benchmark's payload, tables and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from omnienc.adapters.finetune import FinetuneConfig
+from omnienc.benchmarks.classification import format_markdown, resolve_encoder, run_classification
+from omnienc.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "checkpoints" / "omnienc-cpu30min"
+
+
+def test_payload_has_every_row_and_the_hashes(data_root: Path):
+    payload = run_classification(
+        "breastmnist",
+        28,
+        "random:resconv_tiny",
+        medmnist_root=data_root / "medmnist",
+        fractions=(0.1, 1.0),
+        methods=("linear", "knn", "scratch"),
+        finetune=FinetuneConfig(steps=10, batch_size=16, eval_every=5),
+        progress=False,
+        log=lambda line: None,
+    )
+    assert payload["encoder"]["checkpoint"] == "random:resconv_tiny:0"
+    assert payload["n"] == {"train": 546, "val": 78, "test": 156}
+    assert payload["train_label_counts"]["0.1"] == {"0": 15, "1": 40}
+    assert len(payload["data_files"]["breastmnist.npz"]) == 64
+    keys = [(r["encoder"], r["method"], r["fraction"]) for r in payload["rows"]]
+    assert keys == [
+        ("random-init", "linear", 0.1),
+        ("random-init", "knn", 0.1),
+        ("random-init", "scratch", 0.1),
+        ("random-init", "linear", 1.0),
+        ("random-init", "knn", 1.0),
+        ("random-init", "scratch", 1.0),
+    ]
+    assert [r["n_train"] for r in payload["rows"]] == [55, 55, 55, 546, 546, 546]
+    for r in payload["rows"]:
+        assert 0.0 <= r["metrics"]["auc"] <= 1.0
+        lo, hi = r["intervals"]["auc"]
+        assert lo <= hi
+    text = format_markdown([payload], "omnienc bench classification --dataset breastmnist")
+    assert "| random-init | linear probe (frozen) |" in text
+    assert "AUC, 10% (n=55)" in text and "AUC, 100% (n=546)" in text
+    assert "ResNet-18 (28) | 0.901 | 0.863" in text  # the published anchors beside ours
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="shipped checkpoint not in this checkout")
+def test_checkpoint_encoder_carries_its_weights_hash():
+    sut = resolve_encoder(SHIPPED)
+    config = json.loads((SHIPPED / "config.json").read_text())
+    assert sut.checkpoint == "sha256:" + config["weights"]["sha256"]
+    assert sut.arch == "resconv_small" and not sut.is_random
+
+
+def test_cli_writes_json_and_markdown(tmp_path: Path, data_root: Path, capsys):
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "classification",
+            "--dataset",
+            "breastmnist",
+            "--encoder",
+            "random:resconv_tiny",
+            "--methods",
+            "linear",
+            "--fractions",
+            "1",
+            "--no-cache",
+            "--out",
+            str(out),
+            "-q",
+            "--data",
+            str(data_root),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["command"].startswith("omnienc bench classification --dataset breastmnist")
+    assert doc["results"][0]["machine"]["torch_threads"] >= 1
+    assert "linear probe (frozen)" in out.with_suffix(".md").read_text()
+
+
+def test_bad_method_and_encoder_are_clear_errors(data_root: Path, tmp_path: Path, capsys):
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_classification(
+            "breastmnist", 28, "random:resconv_tiny", medmnist_root=data_root, methods=("svm",)
+        )
+    code = main(
+        ["bench", "classification", "--encoder", str(tmp_path / "nope"), "--data", str(data_root)]
+    )
+    assert code == 1
+    assert "nope" in capsys.readouterr().err
