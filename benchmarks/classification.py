@@ -408,14 +408,32 @@ def format_markdown(payloads: Sequence[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(payloads: Sequence[dict[str, Any]], out: Path, command: str) -> tuple[Path, Path]:
-    """Write ``OUT.json`` and ``OUT.md`` atomically; return both paths."""
+def write_results(
+    payloads: Sequence[dict[str, Any]],
+    out: Path,
+    command: str,
+    segmentation: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``OUT.json`` and ``OUT.md`` atomically; return both paths.
+
+    Args:
+        payloads: :func:`run_classification` results (may be empty).
+        out: Path without suffix.
+        command: The command that made them.
+        segmentation: A :func:`omnienc.benchmarks.segmentation.run_segmentation_suite` result.
+    """
+    from omnienc.benchmarks.segmentation import format_segmentation_markdown
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"command": command, "results": list(payloads)}
-    json_path = write_bytes_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2).encode())
-    md_path = write_bytes_atomic(
-        out.with_suffix(".md"), format_markdown(payloads, command).encode()
+    doc: dict[str, Any] = {"command": command, "results": list(payloads)}
+    text = (
+        format_markdown(payloads, command) if payloads else f"# Benchmark\n\nCommand: `{command}`\n"
     )
+    if segmentation is not None:
+        doc["segmentation"] = segmentation
+        text += "\n" + format_segmentation_markdown(segmentation)
+    json_path = write_bytes_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2).encode())
+    md_path = write_bytes_atomic(out.with_suffix(".md"), text.encode())
     return json_path, md_path
 
 

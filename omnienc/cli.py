@@ -370,10 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
         "random-init encoder of the same shape, supervised-from-scratch and fine-tuning "
         "baselines, at several fractions of the training labels; write JSON + Markdown.",
     )
-    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{classification,all}")
+    bench = p.add_subparsers(
+        dest="bench_command", required=True, metavar="{classification,segmentation,all}"
+    )
     for name, text in (
         ("classification", "one MedMNIST set"),
-        ("all", "every set on disk here (AdrenalMNIST3D 28 and 64, BreastMNIST 28)"),
+        ("segmentation", "decoder on one labelled CT, Dice on another"),
+        ("all", "MedMNIST sets here (AdrenalMNIST3D 28 and 64, BreastMNIST 28) + segmentation"),
     ):
         b = bench.add_parser(name, help=text, description=f"Benchmark: {text}.")
         b.add_argument(
@@ -385,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "classification":
             b.add_argument("--dataset", default="adrenalmnist3d", help="any MedMNIST flag")
             b.add_argument("--size", type=int, default=28)
+        if name in ("segmentation", "all"):
+            b.add_argument("--seg-steps", type=int, default=300, help="segmentation steps per run")
+            b.add_argument("--seg-seeds", nargs="+", type=int, default=[0, 1, 2])
+            b.add_argument(
+                "--seg-frozen-only",
+                action="store_true",
+                help="skip the end-to-end segmentation runs (fine-tuning, from scratch)",
+            )
         b.add_argument(
             "--methods", nargs="+", help="subset of linear knn attention scratch finetune"
         )
@@ -469,7 +480,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         encoder = str(SHIPPED_CHECKPOINT)
     finetune = FinetuneConfig(steps=args.steps, encoder_lr_scale=args.encoder_lr_scale)
-    if args.bench_command == "classification":
+    segmentation = None
+    if args.bench_command in ("segmentation", "all"):
+        from omnienc.benchmarks.segmentation import run_segmentation_suite
+
+        segmentation = run_segmentation_suite(
+            encoder,
+            floor=not args.no_floor,
+            seeds=tuple(args.seg_seeds),
+            steps=args.seg_steps,
+            fine_tune=not args.seg_frozen_only,
+            data_root=args.data,
+            progress=not args.quiet,
+        )
+        segmentation["machine"] = machine_facts()
+    if args.bench_command == "segmentation":
+        jobs = []
+        default_out = Path("benchmarks/results/bench/segmentation")
+    elif args.bench_command == "classification":
         jobs = [(args.dataset, args.size, args.methods, args.fractions)]
         default_out = Path(f"benchmarks/results/bench/classification_{args.dataset}_{args.size}")
     else:
@@ -493,7 +521,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         payload["machine"] = machine
         payloads.append(payload)
-    json_path, md_path = write_results(payloads, args.out or default_out, command_line(args.argv))
+    json_path, md_path = write_results(
+        payloads, args.out or default_out, command_line(args.argv), segmentation
+    )
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

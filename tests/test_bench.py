@@ -98,3 +98,37 @@ def test_bad_method_and_encoder_are_clear_errors(data_root: Path, tmp_path: Path
     )
     assert code == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_segmentation_table_lists_every_encoder_and_mode():
+    from omnienc.benchmarks.segmentation import format_segmentation_markdown
+
+    def payload(encoder: str, liver: float) -> dict:
+        summary = {
+            k: {"mean": v, "sd": 0.01, "n": 2}
+            for k, v in {"spleen": 0.1, "liver": liver, "stomach": 0.0, "mean": liver / 3}.items()
+        }
+        return {
+            "encoder": encoder,
+            "split": "train A, test B",
+            "structures": {"1": "spleen", "5": "liver", "6": "stomach"},
+            "steps": 300,
+            "batch_size": 4,
+            "crop_size": [32, 32, 32],
+            "width": 32,
+            "lr": 0.001,
+            "seeds": [0, 1],
+            "summary": {"frozen": summary, "fine-tune": summary},
+        }
+
+    suite = {
+        "encoder": "ckpt",
+        "floor": "random:resconv_small",
+        "benchmarks": [payload("ckpt", 0.54), payload("random:resconv_small", 0.0)],
+        "seconds": 120.0,
+    }
+    text = format_segmentation_markdown(suite)
+    assert "| **pretrained** (`ckpt`) | frozen | 0.100 ± 0.010 | 0.540 ± 0.010 |" in text
+    assert "| **pretrained** (`ckpt`) | fine-tuned |" in text
+    assert "| random-init (`random:resconv_small`) | trained from scratch |" in text
+    assert "train A, test B" in text
