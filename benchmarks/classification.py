@@ -338,10 +338,12 @@ METHOD_NAMES = {
 }
 
 
-def format_markdown(payloads: Sequence[dict[str, Any]], command: str) -> str:
+def format_markdown(
+    payloads: Sequence[dict[str, Any]], command: str, title: str = "Classification benchmark"
+) -> str:
     """The Markdown report of one or more datasets' payloads."""
     lines = [
-        "# Classification benchmark",
+        f"# {title}",
         "",
         f"Command: `{command}`  ",
     ]
@@ -426,8 +428,11 @@ def write_results(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"command": command, "results": list(payloads)}
+    title = "Benchmarks" if segmentation is not None else "Classification benchmark"
     text = (
-        format_markdown(payloads, command) if payloads else f"# Benchmark\n\nCommand: `{command}`\n"
+        format_markdown(payloads, command, title)
+        if payloads
+        else f"# Benchmark\n\nCommand: `{command}`\n"
     )
     if segmentation is not None:
         doc["segmentation"] = segmentation
