@@ -1,13 +1,17 @@
 """Atomic file writes: write a temporary sibling, fsync it, then ``os.replace`` it into place.
 
 A reader sees either the old file or the complete new one, never a half-written one, even if the
-writer is killed with SIGKILL mid-write (the leftover is a hidden ``.*.tmp`` file that nothing
-reads).
+writer is killed with SIGKILL mid-write. The leftover of a killed writer is a hidden
+``.NAME.tmp-PID-HEX`` sibling that nothing reads; the next write of ``NAME`` removes those whose
+process is gone (:func:`remove_stale_temps`), so concurrent writers never delete each other's.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +32,44 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_TEMP = re.compile(r"\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_sibling(path: Path, tag: str = "tmp", suffix: str = "") -> Path:
+    """A hidden sibling ``.NAME.TAG-PID-HEX[SUFFIX]`` of ``path`` for an atomic write or swap."""
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def remove_stale_temps(path: Path, tag: str = "tmp") -> list[Path]:
+    """Delete ``path``'s hidden ``TAG`` siblings whose writing process no longer exists.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for cand in path.parent.glob(f".{glob.escape(path.name)}.{tag}-*"):
+        m = _TEMP.match(cand.name[len(path.name) + 1 :])
+        if m is None or pid_alive(int(m["pid"])):
+            continue
+        if cand.is_dir() and not cand.is_symlink():
+            shutil.rmtree(cand, ignore_errors=True)
+        else:
+            cand.unlink(missing_ok=True)
+        removed.append(cand)
+    return removed
+
+
 @contextmanager
 def atomic_target(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
@@ -41,7 +83,8 @@ def atomic_target(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+    remove_stale_temps(path)
+    tmp = temp_sibling(path, suffix=suffix)
     try:
         yield tmp
         if not tmp.exists():

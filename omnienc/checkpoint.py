@@ -17,12 +17,13 @@ at worst, under its ``.NAME.old-*`` name), never a half-written one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from omnienc.atomic import fsync_dir
+from omnienc.atomic import fsync_dir, remove_stale_temps, temp_sibling
 from omnienc.encoders import (
     ENCODERS,
     FAMILIES,
@@ -43,6 +44,8 @@ from omnienc.encoders import (
 )
 from omnienc.errors import CheckpointError
 from omnienc.preprocessing import Preprocessing
+
+logger = logging.getLogger("omnienc")
 
 FORMAT = "omnienc-encoder"
 FORMAT_VERSION = 1
@@ -95,9 +98,10 @@ def save_encoder(
             )
     _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(path)
 
     # os.mkdir (unlike tempfile.mkdtemp's 0700) gives the folder the permissions of the umask.
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(path)
     tmp.mkdir()
     try:
         config = {
@@ -148,7 +152,14 @@ def load_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "checkpoint folder does not exist")
+        asides = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+        hint = (
+            f"; {asides[-1].name} beside it holds the checkpoint an interrupted save moved "
+            "aside (the next save restores it, or rename it back)"
+            if asides
+            else ""
+        )
+        raise CheckpointError(path, "checkpoint folder does not exist" + hint)
     if path.is_file():
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             problem = (
@@ -351,11 +362,39 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
+def recover_interrupted_save(path: str | Path) -> Path | None:
+    """Repair what a save killed mid-way left beside ``path``; return a restored folder.
+
+    A save writes ``.NAME.tmp-PID-HEX``, moves the old folder aside to ``.NAME.old-PID-HEX`` and
+    renames the new one in. Killed between the two renames, ``path`` is missing and the aside
+    holds the previous complete checkpoint: it is renamed back. Temporaries and asides of writers
+    that are gone are deleted.
+    """
+    path = Path(path)
+    remove_stale_temps(path)
+    restored = None
+    if not path.exists():
+        asides = [
+            p
+            for p in path.parent.glob(f".{glob.escape(path.name)}.old-*")
+            if (p / CONFIG_FILE).is_file()
+        ]
+        if asides:
+            newest = max(asides, key=lambda p: p.stat().st_mtime)
+            os.replace(newest, path)
+            fsync_dir(path.parent)
+            logger.warning("%s: restored the checkpoint an interrupted save had moved aside", path)
+            restored = path
+    if path.exists():
+        remove_stale_temps(path, tag="old")
+    return restored
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` to ``path``, moving an existing ``path`` aside until the rename is done."""
     aside = None
     if path.exists():
-        aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        aside = temp_sibling(path, tag="old")
         os.replace(path, aside)
     try:
         os.replace(tmp, path)

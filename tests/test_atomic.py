@@ -54,3 +54,33 @@ def test_write_bytes_atomic_creates_parents_and_overwrites(tmp_path: Path):
     assert write_bytes_atomic(path, b"two") == path
     assert path.read_bytes() == b"two"
     assert os.listdir(path.parent) == ["c.bin"]
+
+
+def _dead_pid() -> int:
+    import os
+
+    from omnienc.atomic import pid_alive
+
+    pid = 4_000_000
+    while pid_alive(pid):
+        pid -= 1
+    assert pid != os.getpid()
+    return pid
+
+
+def test_next_write_removes_a_killed_writers_temporaries_only(tmp_path):
+    import os
+
+    from omnienc.atomic import write_bytes_atomic
+
+    target = tmp_path / "cache.npz"
+    dead = tmp_path / f".cache.npz.tmp-{_dead_pid()}-0123abcd"
+    dead.write_bytes(b"half")
+    live = tmp_path / f".cache.npz.tmp-{os.getpid()}-89abcdef"  # a concurrent writer's
+    live.write_bytes(b"busy")
+    other = tmp_path / f".other.npz.tmp-{_dead_pid()}-0123abcd"
+    other.write_bytes(b"not ours")
+    write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert not dead.exists()
+    assert live.exists() and other.exists()

@@ -321,3 +321,26 @@ def test_weights_files_follow_the_umask(tmp_path: Path):
         os.umask(old)
     mode = stat.S_IMODE((ckpt / "model.safetensors").stat().st_mode)
     assert mode == 0o644
+
+
+def test_a_save_killed_between_its_renames_is_recovered(tmp_path: Path):
+    import os
+    import shutil
+
+    from omnienc.atomic import pid_alive
+
+    dead = 4_000_000
+    while pid_alive(dead):
+        dead -= 1
+    folder = save_encoder(_encoder(), tmp_path / "ckpt", PRE)
+    aside = tmp_path / f".ckpt.old-{dead}-0123abcd"
+    os.replace(folder, aside)  # the old checkpoint moved aside, the new one never renamed in
+    half = tmp_path / f".ckpt.tmp-{dead}-89abcdef"
+    half.mkdir()
+    with _raises(folder, "interrupted save", aside.name):
+        load_encoder(folder)
+    save_encoder(_encoder(), folder, PRE)  # the next save repairs, then replaces
+    assert load_encoder(folder)
+    assert not aside.exists() and not half.exists()
+    shutil.rmtree(folder)
+    assert [p.name for p in tmp_path.iterdir()] == []
