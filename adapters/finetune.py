@@ -17,7 +17,6 @@ test split is scored once, with that state, by the probes' metrics and bootstrap
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from omnienc.adapters.probes import ProbeResult, bootstrap_intervals, classifica
 from omnienc.config import config_from_dict, config_to_dict
 from omnienc.embed import pad_to_stride
 from omnienc.encoders.base import Encoder
+from omnienc.optim import adamw_warmup_cosine, decay_groups
 
 
 @dataclass(frozen=True)
@@ -177,25 +177,9 @@ class _ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.config
-        groups: list[dict[str, Any]] = []
-        for part, scale in ((self.model.encoder, cfg.encoder_lr_scale), (self.model.head, 1.0)):
-            decay = [p for p in part.parameters() if p.ndim > 1]
-            no_decay = [p for p in part.parameters() if p.ndim <= 1]
-            groups.append({"params": decay, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay})
-            groups.append({"params": no_decay, "lr": cfg.lr * scale, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups)
-
-        def factor(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        groups = decay_groups(self.model.encoder, cfg.lr * cfg.encoder_lr_scale, cfg.weight_decay)
+        groups += decay_groups(self.model.head, cfg.lr, cfg.weight_decay)
+        return adamw_warmup_cosine(groups, cfg.warmup_steps, cfg.steps, min_ratio=0.0)
 
 
 @torch.no_grad()

@@ -51,6 +51,7 @@ from omnienc.data.medsegbench import MedSegBench
 from omnienc.encoders.base import Encoder
 from omnienc.errors import CheckpointError
 from omnienc.io import Volume, read_volume
+from omnienc.optim import adamw_warmup_cosine, decay_groups
 from omnienc.preprocessing import Preprocessing
 from omnienc.transforms import preprocess_volume
 
@@ -520,34 +521,14 @@ class SegmentationModule(pl.LightningModule):
         )
         self.log("val/mean_dice", mean, prog_bar=True)
 
-    def _lr_factor(self, step: int) -> float:
-        warm = self.config.warmup_steps
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, self.max_steps - warm))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
     def configure_optimizers(self) -> Any:
         cfg = self.config
-        groups: list[dict[str, Any]] = []
-        for module, lr in ((self.model.decoder, cfg.lr), (self.model.encoder, None)):
-            if lr is None:
-                if self.model.freeze_encoder:
-                    continue
-                lr = cfg.lr * cfg.encoder_lr_scale
-            decay: list[nn.Parameter] = []
-            no_decay: list[nn.Parameter] = []
-            for name, p in module.named_parameters():
-                if p.requires_grad:
-                    (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-            groups.append({"params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
-            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        groups = decay_groups(self.model.decoder, cfg.lr, cfg.weight_decay)
+        if not self.model.freeze_encoder:
+            groups += decay_groups(
+                self.model.encoder, cfg.lr * cfg.encoder_lr_scale, cfg.weight_decay
+            )
+        return adamw_warmup_cosine(groups, cfg.warmup_steps, self.max_steps, min_ratio=0.05)
 
 
 def _item_loader(items: Sequence[SegItem]) -> DataLoader:

@@ -12,7 +12,6 @@ share the CLI, data, budget and export.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 from omnienc.encoders import build_encoder
 from omnienc.encoders.base import Encoder
 from omnienc.errors import OmniencError
+from omnienc.optim import adamw_warmup_cosine, decay_groups
 from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
 from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
 from omnienc.pretext.monai_ssl import MonaiSSLConfig, MonaiSSLObjective
@@ -192,37 +192,16 @@ class PretrainModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._sync_data_step()
 
-    def _lr_factor(self, step: int) -> float:
-        cfg = self.config
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        total = self.schedule_steps
-        if not total or total <= cfg.warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / (total - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
     def configure_optimizers(self) -> Any:
         if self.schedule_steps is None and self.trainer.max_steps and self.trainer.max_steps > 0:
             self.schedule_steps = int(self.trainer.max_steps)
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.config.lr,
+        cfg = self.config
+        return adamw_warmup_cosine(
+            decay_groups(self, cfg.lr, cfg.weight_decay),
+            cfg.warmup_steps,
+            self.schedule_steps,
+            cfg.min_lr_ratio,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     def export_meta(self) -> dict[str, Any]:
         """What the exported checkpoint records about pretraining."""
