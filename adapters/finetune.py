@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from omnienc.adapters.probes import ProbeResult, bootstrap_intervals, classification_metrics
+from omnienc.adapters.probes import (
+    ProbeResult,
+    as_targets,
+    bootstrap_intervals,
+    classification_metrics,
+)
 from omnienc.config import config_from_dict, config_to_dict
 from omnienc.embed import pad_to_stride
 from omnienc.encoders.base import Encoder
@@ -83,15 +88,9 @@ class FinetuneConfig:
 
 
 def _targets(labels: np.ndarray) -> tuple[np.ndarray, bool]:
-    """``(N,)``/``(N, 1)`` class labels or ``(N, L)`` multi-label -> (labels, is_multilabel)."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim == 1:
-        return labels.astype(np.int64), False
-    if labels.ndim == 2:
-        return labels.astype(np.int64), True
-    raise ValueError(f"labels must be (N,), (N, 1) or (N, L), got shape {labels.shape}")
+    """Labels through :func:`~omnienc.adapters.probes.as_targets`, and whether multi-label."""
+    y = as_targets(labels)
+    return y, y.ndim == 2
 
 
 def dataset_labels(dataset: Dataset[dict[str, Any]]) -> np.ndarray:

@@ -90,8 +90,12 @@ class ProbeResult:
 # ---------------------------------------------------------------------------- labels and splits
 
 
-def _targets(y: Any, name: str = "labels") -> np.ndarray:
-    """``(N,)`` single-label or ``(N, L > 1)`` multi-label targets as int64."""
+def as_targets(y: Any, name: str = "labels") -> np.ndarray:
+    """``(N,)`` single-label or ``(N, L > 1)`` multi-label targets as int64.
+
+    Raises:
+        ValueError: Another shape, non-integer labels, or multi-label values other than 0/1.
+    """
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -118,14 +122,14 @@ def _check_splits(
         feature_ndims: Allowed ``ndim`` of the features (2 for ``(N, E)``, 5 for maps).
 
     Returns:
-        The pairs as arrays (labels through :func:`_targets`) and the classes: the sorted class
+        The pairs as arrays (labels through :func:`as_targets`) and the classes: the sorted class
         values of the training labels, or ``arange(L)`` for multi-label targets.
     """
     out: list[Split] = []
     for name, pair in zip(("train", "val", "test"), splits, strict=True):
         if not isinstance(pair, tuple | list) or len(pair) != 2:
             raise ValueError(f"{name} must be a (features, labels) pair")
-        x, y = np.asarray(pair[0]), _targets(pair[1], f"{name} labels")
+        x, y = np.asarray(pair[0]), as_targets(pair[1], f"{name} labels")
         if x.ndim not in feature_ndims:
             raise ValueError(
                 f"{name} features must have {' or '.join(map(str, feature_ndims))} dimensions "
