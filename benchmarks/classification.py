@@ -52,7 +52,7 @@ from omnienc.benchmarks.anchors import ANCHORS, CITATION
 from omnienc.benchmarks.machine import cpu_model
 from omnienc.checkpoint import load_encoder
 from omnienc.data.medmnist import MedMNIST
-from omnienc.encoders import build_encoder, encoder_from_config
+from omnienc.encoders import arch_name, random_encoder, random_like
 from omnienc.encoders.base import Encoder
 
 FROZEN_METHODS = ("linear", "knn", "attention")
@@ -96,26 +96,20 @@ def resolve_encoder(spec: str | Path, seed: int = 0) -> EncoderUnderTest:
         parts = text[len(RANDOM_PREFIX) :].split(":")
         arch = parts[0]
         seed = int(parts[1]) if len(parts) > 1 else seed
-        torch.manual_seed(seed)
         return EncoderUnderTest(
-            build_encoder(arch),
+            random_encoder(arch, seed),
             random_checkpoint_id(arch, seed),
             arch,
             random_checkpoint_id(arch, seed),
         )
     encoder, _ = load_encoder(spec)
-    from omnienc.encoders import arch_name
-
     return EncoderUnderTest(encoder, checkpoint_id(spec), arch_name(encoder), str(spec))
 
 
 def floor_of(under_test: EncoderUnderTest, seed: int = 0) -> EncoderUnderTest:
     """A random-init encoder of the same shape (same family and config), seeded."""
-    torch.manual_seed(seed)
-    enc = under_test.encoder
-    floor = encoder_from_config(enc.family, enc.config.to_dict())
     cid = random_checkpoint_id(under_test.arch, seed)
-    return EncoderUnderTest(floor, cid, under_test.arch, cid)
+    return EncoderUnderTest(random_like(under_test.encoder, seed), cid, under_test.arch, cid)
 
 
 def file_sha256(path: Path) -> str:
@@ -259,10 +253,7 @@ def run_classification(
         sub_train = MedMNIST(flag, "train", size=size, root=medmnist_root, indices=idx)
         for method in (m for m in methods if m in TRAINED_METHODS):
             if method == "scratch":
-                torch.manual_seed(0)
-                enc = encoder_from_config(
-                    under_test.encoder.family, under_test.encoder.config.to_dict()
-                )
+                enc = random_like(under_test.encoder, 0)
                 cfg = FinetuneConfig(**{**finetune.to_dict(), "encoder_lr_scale": 1.0})
                 label = "random-init"
             else:

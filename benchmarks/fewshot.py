@@ -32,7 +32,7 @@ from scipy import ndimage
 from omnienc.checkpoint import load_encoder
 from omnienc.data.labeled import read_label_map
 from omnienc.data.root import resolve_data_root
-from omnienc.encoders import encoder_from_config
+from omnienc.encoders import random_like
 from omnienc.io import read_volume
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import build_incontext_head
@@ -83,8 +83,7 @@ def run(checkpoint: Path, data_root: Path, min_voxels: int, seed: int) -> dict[s
     encoder, pre = load_encoder(checkpoint)
     head, meta = load_incontext_head(checkpoint, encoder)
     crop = tuple(meta.get("crop_size", (64, 64, 64)))
-    torch.manual_seed(seed)
-    rnd_encoder = encoder_from_config(encoder.family, encoder.config.to_dict()).eval()
+    rnd_encoder = random_like(encoder, seed).eval()
     rnd_head = build_incontext_head(rnd_encoder.feature_info, meta["incontext_head"]).eval()
     ids_s, n_s = np.unique(support_lab, return_counts=True)
     ids_q, n_q = np.unique(query_lab, return_counts=True)

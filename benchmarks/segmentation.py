@@ -30,10 +30,11 @@ from omnienc.adapters.segmentation import (
     select_structures,
     train_segmentation,
 )
+from omnienc.benchmarks.classification import RANDOM_PREFIX
 from omnienc.checkpoint import load_checkpoint_config, load_encoder
 from omnienc.data.labeled import check_same_grid, read_label_map
 from omnienc.data.root import resolve_data_root
-from omnienc.encoders import Encoder, build_encoder
+from omnienc.encoders import Encoder, random_encoder
 from omnienc.errors import DataError
 from omnienc.io import read_volume
 from omnienc.preprocessing import Preprocessing
@@ -42,7 +43,6 @@ from omnienc.preprocessing import Preprocessing
 STRUCTURES: dict[int, str] = {1: "spleen", 5: "liver", 6: "stomach"}
 TRAIN_PAIR = ("totalsegmentator/example_ct_sm.nii.gz", "totalsegmentator/example_seg.nii.gz")
 TEST_PAIR = ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz")
-RANDOM_PREFIX = "random:"
 DEFAULT_CROP = (32, 32, 32)
 
 
@@ -106,8 +106,7 @@ def build_benchmark_encoder(spec: str, seed: int) -> tuple[Encoder, Preprocessin
         ``(encoder, preprocessing, meta)``; ``meta`` is the checkpoint's (``{}`` for random).
     """
     if spec.startswith(RANDOM_PREFIX):
-        torch.manual_seed(seed)
-        return build_encoder(spec.removeprefix(RANDOM_PREFIX)), Preprocessing(), {}
+        return random_encoder(spec.removeprefix(RANDOM_PREFIX), seed), Preprocessing(), {}
     encoder, pre = load_encoder(spec)
     return encoder, pre, load_checkpoint_config(spec).get("meta") or {}
 

@@ -119,18 +119,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """``omnienc embed CKPT INPUT... -o feats.npz`` (or ``--random ARCH INPUT...``)."""
-    import torch
 
     from omnienc.checkpoint import load_encoder
     from omnienc.data.root import resolve_data_root
     from omnienc.embed import MEDMNIST_PREFIX, embed_inputs
-    from omnienc.encoders import build_encoder
+    from omnienc.encoders import random_encoder
     from omnienc.preprocessing import Preprocessing
 
     positionals = list(args.items)
     if args.random:
-        torch.manual_seed(args.seed)
-        encoder = build_encoder(args.random)
+        encoder = random_encoder(args.random, args.seed)
         preprocessing = Preprocessing()
         source = f"random:{args.random} (seed {args.seed})"
         inputs = positionals
@@ -193,26 +191,24 @@ def _fmt_metric(result: Any, key: str) -> str:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """``omnienc probe CKPT --dataset FLAG``: linear probe on frozen features, with its floor."""
-    import torch
 
     from omnienc.adapters.probes import run_linear_probe
     from omnienc.checkpoint import load_encoder
     from omnienc.data.root import resolve_data_root
-    from omnienc.encoders import build_encoder, encoder_from_config
+    from omnienc.encoders import random_encoder, random_like
 
     root = resolve_data_root(args.data) / "medmnist"
     runs: list[tuple[str, Any]] = []
     if args.random:
-        torch.manual_seed(args.seed)
-        runs.append((f"random-init {args.random} (seed {args.seed})", build_encoder(args.random)))
+        encoder = random_encoder(args.random, args.seed)
+        runs.append((f"random-init {args.random} (seed {args.seed})", encoder))
     else:
         if args.checkpoint is None:
             raise SystemExit("omnienc probe: give CKPT or --random ARCH")
         encoder, _ = load_encoder(args.checkpoint)
         runs.append((f"{args.checkpoint}", encoder))
         if not args.no_floor:
-            torch.manual_seed(args.seed)
-            floor = encoder_from_config(encoder.family, encoder.config.to_dict())
+            floor = random_like(encoder, args.seed)
             runs.append((f"random-init, same shape (seed {args.seed}; the floor)", floor))
     rows, results = [], {}
     for name, encoder in runs:

@@ -205,3 +205,16 @@ def test_vit_pads_high_side_with_zeros() -> None:
     padded = F.pad(x, (0, 4, 0, 4, 0, 4))
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), enc.forward_features(padded))
+
+
+def test_random_encoders_are_seeded_and_random_like_keeps_the_shape():
+    from omnienc.encoders import random_encoder, random_like
+
+    a, b = random_encoder("resconv_tiny", 3), random_encoder("resconv_tiny", 3)
+    c = random_encoder("resconv_tiny", 4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    floor = random_like(a, 3)
+    assert floor.family == a.family and floor.config == a.config
+    assert all(torch.equal(v, sa[k]) for k, v in floor.state_dict().items())

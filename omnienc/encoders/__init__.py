@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from omnienc.encoders.base import Encoder, EncoderConfig
 from omnienc.encoders.resconv import RESCONV_SIZES, ResConvConfig, ResConvEncoder
 from omnienc.encoders.vit3d import VIT3D_SIZES, ViT3DConfig, ViT3DEncoder
@@ -101,6 +103,22 @@ def encoder_from_config(family: str, config: Mapping[str, Any]) -> Encoder:
     return FAMILIES[family](config)
 
 
+def random_encoder(name: str, seed: int) -> Encoder:
+    """A random-init registered encoder, its weights drawn after ``torch.manual_seed(seed)``.
+
+    Raises:
+        ValueError: The name is not registered.
+    """
+    torch.manual_seed(seed)
+    return build_encoder(name)
+
+
+def random_like(encoder: Encoder, seed: int) -> Encoder:
+    """A random-init encoder of the same family and config (the floor any pretraining must beat)."""
+    torch.manual_seed(seed)
+    return encoder_from_config(encoder.family, encoder.config.to_dict())
+
+
 def arch_name(encoder: Encoder) -> str:
     """The registered name whose preset config equals ``encoder.config``, else its family."""
     for name, (family, preset) in _PRESETS.items():
@@ -133,4 +151,6 @@ __all__ = [
     "arch_name",
     "build_encoder",
     "encoder_from_config",
+    "random_encoder",
+    "random_like",
 ]
