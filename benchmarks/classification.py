@@ -20,7 +20,6 @@ published anchors of :mod:`omnienc.benchmarks.anchors`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import platform
 import sys
@@ -50,7 +49,7 @@ from omnienc.adapters.probes import ProbeResult, knn_probe, linear_probe, train_
 from omnienc.atomic import write_bytes_atomic
 from omnienc.benchmarks.anchors import ANCHORS, CITATION
 from omnienc.benchmarks.machine import cpu_model
-from omnienc.checkpoint import load_encoder
+from omnienc.checkpoint import file_sha256, load_encoder
 from omnienc.data.medmnist import MedMNIST
 from omnienc.encoders import arch_name, random_encoder, random_like
 from omnienc.encoders.base import Encoder
@@ -110,15 +109,6 @@ def floor_of(under_test: EncoderUnderTest, seed: int = 0) -> EncoderUnderTest:
     """A random-init encoder of the same shape (same family and config), seeded."""
     cid = random_checkpoint_id(under_test.arch, seed)
     return EncoderUnderTest(random_like(under_test.encoder, seed), cid, under_test.arch, cid)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a data file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -227,8 +217,10 @@ def run_classification(
             }
     train_labels = splits["train"].labels
     rows: list[dict[str, Any]] = []
+    counts: dict[str, dict[str, int]] = {}
     for fraction in fractions:
         idx = stratified_fraction(train_labels, fraction, seed=0)
+        counts[str(fraction)] = label_counts(train_labels[idx])
         for label, _ in suts:
             feats = features.get(label)
             for method in frozen:
@@ -277,10 +269,7 @@ def run_classification(
         },
         "floor": floor_of(under_test).checkpoint if floor else None,
         "fractions": list(fractions),
-        "train_label_counts": {
-            str(f): label_counts(train_labels[stratified_fraction(train_labels, f, seed=0)])
-            for f in fractions
-        },
+        "train_label_counts": counts,
         "n": {s: len(d) for s, d in splits.items()},
         "finetune": finetune.to_dict(),
         "head_seeds": list(head_seeds),

@@ -278,9 +278,15 @@ def _write_weights(module: nn.Module, file: Path) -> str:
     os.chmod(file, 0o666 & ~umask)
     with open(file, "rb") as f:
         os.fsync(f.fileno())
-        h = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    return file_sha256(file)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
