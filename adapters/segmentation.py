@@ -726,7 +726,7 @@ def resample_argmax(
 
 def predict_volume(
     model: nn.Module,
-    volume_path: str | Path,
+    volume_path: str | Path | Volume,
     preprocessing: Preprocessing,
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.25,
@@ -743,7 +743,8 @@ def predict_volume(
     Args:
         model: A trained :class:`SegmentationModel` (any module mapping ``(n, C, *roi)`` to
             ``(n, K, *roi)`` logits works).
-        volume_path: Image file or DICOM folder.
+        volume_path: Image file or DICOM folder, or a :class:`~omnienc.io.Volume` already read
+            with :func:`~omnienc.io.read_volume`.
         preprocessing: The preprocessing the model was trained with.
         roi_size: Window size (default ``model.roi_size``).
         overlap: Sliding-window overlap.
@@ -764,7 +765,11 @@ def predict_volume(
         raise ValueError(
             "give roi_size: the model has none (it was not made by train_segmentation)"
         )
-    volume = read_volume(volume_path, modality=modality)
+    volume = (
+        volume_path
+        if isinstance(volume_path, Volume)
+        else read_volume(volume_path, modality=modality)
+    )
     pre = dataclasses.replace(preprocessing, crop_foreground=False, spatial_size=None)
     out = preprocess_volume(volume, pre)
     was_training = model.training

@@ -36,7 +36,7 @@ from omnienc.data.labeled import check_same_grid, read_label_map
 from omnienc.data.root import resolve_data_root
 from omnienc.encoders import Encoder, random_encoder
 from omnienc.errors import DataError
-from omnienc.io import read_volume
+from omnienc.io import Volume, read_volume
 from omnienc.preprocessing import Preprocessing
 
 # TotalSegmentator v2 class ids of the structures scored (all present in both label maps).
@@ -111,14 +111,21 @@ def build_benchmark_encoder(spec: str, seed: int) -> tuple[Encoder, Preprocessin
     return encoder, pre, load_checkpoint_config(spec).get("meta") or {}
 
 
-def _native_dice(model: Any, pre: Preprocessing, data_root: Path, num_classes: int) -> list[float]:
-    """Dice per structure of the test scan, predicted and scored on its own grid."""
+def _native_test(data_root: Path) -> tuple[Volume, torch.Tensor]:
+    """The test scan as read from disk, and its scored structures ``(X, Y, Z)`` on that grid."""
     vol = data_root / "volumes"
-    image_path, label_path = vol / TEST_PAIR[0], vol / TEST_PAIR[1]
-    truth_volume = read_label_map(label_path)
-    check_same_grid(read_volume(image_path), truth_volume)
-    pred = predict_volume(model, image_path, pre)
+    image = read_volume(vol / TEST_PAIR[0])
+    truth_volume = read_label_map(vol / TEST_PAIR[1])
+    check_same_grid(image, truth_volume)
     truth = select_structures(torch.from_numpy(truth_volume.array).long(), list(STRUCTURES))
+    return image, truth
+
+
+def _native_dice(
+    model: Any, pre: Preprocessing, image: Volume, truth: torch.Tensor, num_classes: int
+) -> list[float]:
+    """Dice per structure of the test scan, predicted and scored on its own grid."""
+    pred = predict_volume(model, image, pre)
     pred_t = torch.from_numpy(pred.array).long()
     scores = dice_scores(pred_t[None, None], truth[None, None], num_classes)[0]
     return [float(v) for v in scores]
@@ -169,6 +176,7 @@ def run_segmentation_benchmark(
     _, pre, meta = build_benchmark_encoder(encoder_spec, seed=0)
     crop = tuple(int(s) for s in (crop_size or meta.get("crop_size") or DEFAULT_CROP))
     train_items, test_items, description = real_segmentation_split(root, pre)
+    test_image, test_truth = _native_test(root)
     names = list(STRUCTURES.values())
     modes = ["frozen", "fine-tune"] if fine_tune else ["frozen"]
     runs: list[dict[str, Any]] = []
@@ -193,7 +201,7 @@ def run_segmentation_benchmark(
                 progress=progress,
             )
             model.cpu()
-            native = _native_dice(model, pre, root, config.num_classes)
+            native = _native_dice(model, pre, test_image, test_truth, config.num_classes)
             on_pre = evaluate_segmentation(model, test_items, names)
             runs.append(
                 {

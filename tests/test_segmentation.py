@@ -189,6 +189,8 @@ def test_predict_volume_lands_on_the_file_grid(volumes: Path, tmp_path: Path) ->
     pred = predict_volume(_ThresholdModel(), path, Preprocessing(spacing=(3.0, 3.0, 3.0)))
     native = read_volume(path)
     assert pred.shape == nib.load(path).shape == native.shape
+    again = predict_volume(_ThresholdModel(), native, Preprocessing(spacing=(3.0, 3.0, 3.0)))
+    np.testing.assert_array_equal(again.array, pred.array)  # a Volume already read: same map
     np.testing.assert_allclose(pred.affine, native.affine)
     assert set(np.unique(pred.array).tolist()) == {0.0, 1.0}
     truth = native.array > 0  # HU > 0 on the native 1.5 mm grid
