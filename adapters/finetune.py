@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from omnienc.adapters.probes import (
+from omnienc.adapters.metrics import (
     ProbeResult,
     as_targets,
     bootstrap_intervals,
@@ -88,7 +88,7 @@ class FinetuneConfig:
 
 
 def _targets(labels: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Labels through :func:`~omnienc.adapters.probes.as_targets`, and whether multi-label."""
+    """Labels through :func:`~omnienc.adapters.metrics.as_targets`, and whether multi-label."""
     y = as_targets(labels)
     return y, y.ndim == 2
 
