@@ -403,7 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         b.add_argument("--fractions", nargs="+", type=float, help="default: 0.01 0.1 1")
         b.add_argument("--head-seeds", nargs="+", type=int, default=[0, 1, 2])
-        b.add_argument("--steps", type=int, default=200, help="end-to-end budget in steps")
+        b.add_argument(
+            "--epochs",
+            type=float,
+            default=20.0,
+            help="end-to-end budget: passes over the labelled subset (default 20), clamped to "
+            "--min-steps..--max-steps",
+        )
+        b.add_argument("--min-steps", type=int, default=200, help="default 200")
+        b.add_argument("--max-steps", type=int, default=1000, help="default 1000")
+        b.add_argument("--steps", type=int, help="a fixed end-to-end budget for every fraction")
         b.add_argument("--encoder-lr-scale", type=float, default=0.1, help="for fine-tuning")
         b.add_argument("--no-floor", action="store_true", help="skip the random-init encoder")
         b.add_argument("--out", type=Path, help="results path without suffix")
@@ -466,6 +475,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from omnienc.benchmarks.classification import (
         DEFAULT_FRACTIONS,
         METHODS,
+        EndToEndBudget,
         command_line,
         machine_facts,
         run_classification,
@@ -481,7 +491,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"omnienc bench: give --encoder CKPT or random:ARCH (no {SHIPPED_CHECKPOINT} here)"
             )
         encoder = str(SHIPPED_CHECKPOINT)
-    finetune = FinetuneConfig(steps=args.steps, encoder_lr_scale=args.encoder_lr_scale)
+    finetune = FinetuneConfig(encoder_lr_scale=args.encoder_lr_scale)
+    budget = EndToEndBudget(args.epochs, args.min_steps, args.max_steps, args.steps)
     segmentation = None
     if args.bench_command in ("segmentation", "all"):
         from omnienc.benchmarks.segmentation import run_segmentation_suite
@@ -517,6 +528,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             methods=tuple(methods or args.methods or METHODS),
             head_seeds=tuple(args.head_seeds),
             finetune=finetune,
+            budget=budget,
             floor=not args.no_floor,
             cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
             progress=not args.quiet,

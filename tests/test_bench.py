@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from omnienc.adapters.finetune import FinetuneConfig
-from omnienc.benchmarks.classification import format_markdown, resolve_encoder, run_classification
+from omnienc.benchmarks.classification import (
+    EndToEndBudget,
+    format_markdown,
+    resolve_encoder,
+    run_classification,
+)
 from omnienc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +28,8 @@ def test_payload_has_every_row_and_the_hashes(data_root: Path):
         medmnist_root=data_root / "medmnist",
         fractions=(0.1, 1.0),
         methods=("linear", "knn", "scratch"),
-        finetune=FinetuneConfig(steps=10, batch_size=16, eval_every=5),
+        finetune=FinetuneConfig(batch_size=16, eval_every=5),
+        budget=EndToEndBudget(epochs=0.5, min_steps=2, max_steps=10),
         progress=False,
         log=lambda line: None,
     )
@@ -41,6 +47,8 @@ def test_payload_has_every_row_and_the_hashes(data_root: Path):
         ("random-init", "scratch", 1.0),
     ]
     assert [r["n_train"] for r in payload["rows"]] == [55, 55, 55, 546, 546, 546]
+    # half an epoch of batch 16: 55 items -> 2 steps; 546 -> 18, clamped to 10
+    assert [r.get("steps") for r in payload["rows"]] == [None, None, 2, None, None, 10]
     for r in payload["rows"]:
         assert 0.0 <= r["metrics"]["auc"] <= 1.0
         lo, hi = r["intervals"]["auc"]
@@ -49,6 +57,17 @@ def test_payload_has_every_row_and_the_hashes(data_root: Path):
     assert "| random-init | linear probe (frozen) |" in text
     assert "AUC, 10% (n=55)" in text and "AUC, 100% (n=546)" in text
     assert "ResNet-18 (28) | 0.901 | 0.863" in text  # the published anchors beside ours
+    assert "at most 10 steps (10%: 2, 100%: 10) of batch 16" in text
+
+
+def test_end_to_end_budget_scales_with_the_labelled_subset():
+    budget = EndToEndBudget()  # 20 epochs, 200..1000 steps
+    assert budget.steps_for(12, 32) == 200  # 1% of AdrenalMNIST3D: 8 steps would be 20 epochs
+    assert budget.steps_for(1188, 32) == 743
+    assert budget.steps_for(100_000, 32) == 1000
+    assert EndToEndBudget(steps=50).steps_for(100_000, 32) == 50
+    with pytest.raises(ValueError, match="min_steps <= max_steps"):
+        EndToEndBudget(min_steps=10, max_steps=5)
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="shipped checkpoint not in this checkout")
