@@ -35,14 +35,14 @@ from omnienc.adapters.metrics import (
     bootstrap_intervals,
     classification_metrics,
 )
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 from omnienc.embed import pad_to_stride
 from omnienc.encoders.base import Encoder
 from omnienc.optim import adamw_warmup_cosine, decay_groups
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(JsonConfig):
     """Budget and optimiser of end-to-end training.
 
     Attributes:
@@ -76,15 +76,6 @@ class FinetuneConfig:
             raise ValueError(
                 f"need lr > 0 and encoder_lr_scale >= 0, got {self.lr}, {self.encoder_lr_scale}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults."""
-        return config_from_dict(cls, d)
 
 
 def _targets(labels: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from omnienc.checkpoint import load_checkpoint_config, load_encoder, load_extra, save_encoder
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 from omnienc.data.labeled import LabeledVolumes
 from omnienc.data.medsegbench import MedSegBench
 from omnienc.encoders.base import Encoder
@@ -60,7 +60,7 @@ _INDICES_KEY = "label_cls_indices"
 
 
 @dataclass(frozen=True)
-class SegDecoderConfig:
+class SegDecoderConfig(JsonConfig):
     """The decoder, its loss and its optimiser.
 
     Attributes:
@@ -76,6 +76,8 @@ class SegDecoderConfig:
         overlap: Sliding-window overlap in validation and prediction, in ``[0, 1)``.
         sw_batch_size: Windows per forward pass in validation and prediction.
     """
+
+    config_name = "segmentation decoder config"
 
     num_classes: int = 2
     width: int = 32
@@ -102,15 +104,6 @@ class SegDecoderConfig:
             raise ValueError("lr must be > 0; encoder_lr_scale and weight_decay >= 0")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SegDecoderConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        return config_from_dict(cls, d, "segmentation decoder config")
 
 
 @dataclass

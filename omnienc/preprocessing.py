@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 
 # Modalities omnienc knows. ``unknown`` is normalised like MR (percentile clip + z-score).
 MODALITIES = ("CT", "MR", "PET", "unknown")
@@ -37,7 +37,7 @@ def _ints(name: str, values: Any, n: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class Preprocessing:
+class Preprocessing(JsonConfig):
     """Deterministic preprocessing applied before the encoder.
 
     Attributes:
@@ -52,6 +52,8 @@ class Preprocessing:
         spatial_size: Final ``(X, Y, Z)`` size by symmetric pad/centre crop, or ``None`` to keep
             the size after resampling and cropping.
     """
+
+    config_name = "preprocessing"
 
     spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
@@ -84,16 +86,3 @@ class Preprocessing:
         if margin < 0:
             raise ValueError(f"foreground_margin must be >= 0, got {margin}")
         object.__setattr__(self, "foreground_margin", margin)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Inverse of :meth:`to_dict`; unknown keys are an error.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d, "preprocessing")

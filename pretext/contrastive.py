@@ -16,22 +16,20 @@ Both losses gather embeddings from every rank under DDP (``gather_distributed=Tr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from lightly.loss import NTXentLoss, VICRegLoss
 from lightly.models.modules.heads import SimCLRProjectionHead, VICRegProjectionHead
 from torch import nn
 
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 
 KINDS = ("ntxent", "vicreg")
 
 
 @dataclass(frozen=True)
-class ContrastiveConfig:
+class ContrastiveConfig(JsonConfig):
     """Config of :class:`ContrastiveObjective`.
 
     Attributes:
@@ -55,19 +53,6 @@ class ContrastiveConfig:
             )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ContrastiveConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d)
 
 
 class ContrastiveObjective(nn.Module):

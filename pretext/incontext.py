@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 
 # --------------------------------------------------------------------------------------------
 # Head: task tokens, two-way fusion, per-task logits
@@ -36,7 +36,7 @@ from omnienc.config import config_from_dict, config_to_dict
 
 
 @dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(JsonConfig):
     """Config of :class:`InContextHead`.
 
     Attributes:
@@ -71,19 +71,6 @@ class HeadConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> HeadConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d)
 
 
 def sinusoidal_position_encoding_3d(

@@ -69,7 +69,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from omnienc.atomic import atomic_target
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 from omnienc.data.folder import ManifestEntry, VolumeFolder
 from omnienc.errors import DataError
 
@@ -106,7 +106,7 @@ def _positive_floats(name: str, values: Any) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class MaskConfig:
+class MaskConfig(JsonConfig):
     """Parameters of the mask proposals (every one of them enters the cache key).
 
     Sizes are in voxels of the preprocessed grid (2 mm isotropic by default: 1,000 voxels are
@@ -144,6 +144,8 @@ class MaskConfig:
         dedup_iou: Drop a proposal whose 3D IoU with an already kept one is at least this.
         max_masks: At most this many proposals per volume.
     """
+
+    config_name = "mask config"
 
     providers: tuple[str, ...] = ("merge",)
     body_threshold: float = 0.05
@@ -206,19 +208,6 @@ class MaskConfig:
             object.__setattr__(self, name, value)
         for name in ("smoothing_sigma", "gradient_sigma", "merge_level", "slic_spatial_weight"):
             object.__setattr__(self, name, _positive_floats(name, (getattr(self, name),))[0])
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MaskConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d, "mask config")
 
     def digest(self) -> str:
         """A short hash of the parameters (and the cache format version)."""

@@ -24,9 +24,7 @@ batch as negatives (it does not gather across ranks under DDP, unlike the MASS r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +32,7 @@ from monai.losses import ContrastiveLoss
 from monai.transforms import RandCoarseDropout, RandCoarseShuffle
 from torch import nn
 
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 from omnienc.encoders.base import Encoder
 
 # MONAI's tutorial works on 96^3 crops; its hole sizes are given here as fractions of the crop.
@@ -42,7 +40,7 @@ _TUTORIAL_CROP = 96.0
 
 
 @dataclass(frozen=True)
-class MonaiSSLConfig:
+class MonaiSSLConfig(JsonConfig):
     """Config of :class:`MonaiSSLObjective`.
 
     Attributes:
@@ -78,19 +76,6 @@ class MonaiSSLConfig:
             raise ValueError("proj_dim, deconv_chns, holes and shuffle_holes must be >= 1")
         if not 0.0 <= self.shuffle_prob <= 1.0:
             raise ValueError(f"shuffle_prob must be in [0, 1], got {self.shuffle_prob}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MonaiSSLConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d)
 
 
 def _split_stride(stride: int) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig
 
 # Proposals whose query-crop IoU exceeds this count as "the same structure" when picking tasks.
 _VARIETY_IOU = 0.5
@@ -44,7 +44,7 @@ _PAIR_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
-class PairConfig:
+class PairConfig(JsonConfig):
     """How :func:`sample_pair` draws a reference/query pair and its tasks.
 
     Attributes:
@@ -81,19 +81,6 @@ class PairConfig:
     def num_tasks(self) -> int:
         """``T = max_tasks + int(whole_crop_task)``, the task axis of every pair."""
         return self.max_tasks + int(self.whole_crop_task)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PairConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d)
 
 
 def _crop(array: np.ndarray, origin: Sequence[int] | np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -15,20 +15,19 @@ frozen config dataclass (subclass of :class:`EncoderConfig`) that a checkpoint s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig, config_from_dict
 
 C = TypeVar("C", bound="EncoderConfig")
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(JsonConfig):
     """Fields every encoder config has; families subclass it.
 
     Attributes:
@@ -40,19 +39,6 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: A key is unknown or a value is invalid.
-        """
-        return config_from_dict(cls, d)
 
     def replace(self: C, **overrides: Any) -> C:
         """Return a copy with some fields changed.
