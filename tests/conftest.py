@@ -45,3 +45,31 @@ def copy_real(tmp_path: Path, volumes: Path):
         return copies
 
     return copy
+
+
+@pytest.fixture
+def medsegbench_root(tmp_path: Path) -> Path:
+    """A folder with ``busi_128.npz`` in the medsegbench package's format (2 images per split).
+
+    MedSegBench's files are on Zenodo only, out of reach here; each image is noise with one
+    bright disk, and the disk is its mask.
+    """
+    import numpy as np
+
+    size, n = 128, 2
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    arrays = {}
+    for split in ("train", "val", "test"):
+        images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+        masks = np.zeros((n, size, size), np.uint8)
+        for i in range(n):
+            cy, cx = rng.integers(30, size - 30, 2)
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 < 20**2
+            images[i][disk] = 200
+            masks[i][disk] = 1
+        arrays[f"{split}_images"], arrays[f"{split}_label"] = images, masks
+    folder = tmp_path / "medsegbench"
+    folder.mkdir()
+    np.savez_compressed(folder / f"busi_{size}.npz", **arrays)
+    return folder

@@ -151,3 +151,33 @@ def test_segmentation_table_lists_every_encoder_and_mode():
     assert "| **pretrained** (`ckpt`) | fine-tuned |" in text
     assert "| random-init (`random:resconv_small`) | trained from scratch |" in text
     assert "train A, test B" in text
+
+
+def test_medsegbench_job_scores_the_encoder_and_its_floor(medsegbench_root: Path, tmp_path: Path):
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    ckpt = save_encoder(build_encoder("resconv_tiny"), tmp_path / "enc", Preprocessing())
+    out = tmp_path / "results" / "msb"
+    argv = ["bench", "medsegbench", "--encoder", str(ckpt), "--dataset", "busi"]
+    argv += ["--root", str(medsegbench_root), "--steps", "2", "--seeds", "0", "1"]
+    assert main([*argv, "--out", str(out), "-q"]) == 0
+    suite = json.loads(out.with_suffix(".json").read_text())
+    assert [b["encoder"] for b in suite["benchmarks"]] == [str(ckpt), "random:resconv_tiny"]
+    for b in suite["benchmarks"]:
+        assert b["classes"] == ["foreground"] and b["n"] == {"train": 2, "test": 2}
+        assert len(b["data_files"]["busi_128.npz"]) == 64
+        assert [r["seed"] for r in b["runs"]] == [0, 1]
+        assert all(0.0 <= r["dice"]["foreground"] <= 1.0 for r in b["runs"])
+        assert b["summary"]["frozen"]["mean"]["n"] == 2
+    text = out.with_suffix(".md").read_text()
+    assert "# MedSegBench: busi 128" in text and "| `random:resconv_tiny` | frozen |" in text
+    assert "bench medsegbench" in text  # the command that made it
+
+
+def test_medsegbench_job_names_the_missing_file(tmp_path: Path, capsys):
+    argv = ["bench", "medsegbench", "--encoder", "random:resconv_tiny", "--dataset", "busi"]
+    assert main([*argv, "--root", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "busi_128.npz" in err and "Traceback" not in err

@@ -261,25 +261,8 @@ def test_config_round_trip_and_checks() -> None:
         SegDecoderConfig(overlap=1.0)
 
 
-def _write_medsegbench(folder: Path, n: int = 2, size: int = 128) -> None:
-    """``busi_128.npz`` in the package's format: a bright disk per image, the disk as mask."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    arrays = {}
-    for split in ("train", "val", "test"):
-        images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
-        masks = np.zeros((n, size, size), np.uint8)
-        for i in range(n):
-            cy, cx = rng.integers(30, size - 30, 2)
-            disk = (yy - cy) ** 2 + (xx - cx) ** 2 < 20**2
-            images[i][disk] = 200
-            masks[i][disk] = 1
-        arrays[f"{split}_images"], arrays[f"{split}_label"] = images, masks
-    np.savez_compressed(folder / f"busi_{size}.npz", **arrays)
-
-
-def test_medsegbench_items_train_and_evaluate(tmp_path: Path) -> None:
-    _write_medsegbench(tmp_path)
+def test_medsegbench_items_train_and_evaluate(medsegbench_root: Path) -> None:
+    tmp_path = medsegbench_root
     train = MedSegBench("busi", "train", root=tmp_path)
     items = medsegbench_items(train)
     test_items = medsegbench_items(MedSegBench("busi", "test", root=tmp_path))
