@@ -283,6 +283,45 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_medsegbench(args: argparse.Namespace) -> int:
+    """``omnienc bench medsegbench``: the segmentation decoder on a MedSegBench set."""
+    from omnienc.atomic import write_bytes_atomic
+    from omnienc.benchmarks.classification import command_line, machine_facts
+    from omnienc.benchmarks.medsegbench import format_medsegbench_markdown, run_medsegbench_suite
+    from omnienc.data.root import resolve_data_root
+
+    encoder = args.encoder or str(SHIPPED_CHECKPOINT)
+    if args.encoder is None and not SHIPPED_CHECKPOINT.is_dir():
+        raise SystemExit(f"omnienc bench: give --encoder CKPT or random:ARCH (no {encoder} here)")
+    root = args.root or resolve_data_root(args.data) / "medsegbench"
+    suite = run_medsegbench_suite(
+        encoder,
+        args.dataset,
+        args.size,
+        floor=not args.no_floor,
+        root=root,
+        steps=args.steps,
+        seeds=tuple(args.seeds),
+        max_train=args.max_train,
+        max_test=args.max_test,
+        fine_tune=args.fine_tune,
+        download=args.download,
+        progress=not args.quiet,
+    )
+    machine = machine_facts()
+    suite["machine"] = machine
+    suite["command"] = command_line(args.argv)
+    out = args.out or Path(f"benchmarks/results/bench/medsegbench_{args.dataset}_{args.size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    where = f"{machine['cpu']}, {machine['torch_threads']} torch threads, GPU: {machine['gpu']}"
+    text = format_medsegbench_markdown(suite, suite["command"], where)
+    write_bytes_atomic(out.with_suffix(".json"), (json.dumps(suite, indent=2) + "\n").encode())
+    write_bytes_atomic(out.with_suffix(".md"), text.encode())
+    print(text)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``omnienc``."""
     parser = argparse.ArgumentParser(
@@ -367,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "baselines, at several fractions of the training labels; write JSON + Markdown.",
     )
     bench = p.add_subparsers(
-        dest="bench_command", required=True, metavar="{classification,segmentation,all}"
+        dest="bench_command",
+        required=True,
+        metavar="{classification,segmentation,all,medsegbench}",
     )
     for name, text in (
         ("classification", "one MedMNIST set"),
@@ -421,6 +462,27 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         _add_data_arg(b)
         b.set_defaults(func=cmd_bench)
+    b = bench.add_parser(
+        "medsegbench",
+        help="segmentation decoder on a MedSegBench set (files from the medsegbench package)",
+        description="Benchmark: train the segmentation decoder on a MedSegBench set's training "
+        "images (frozen encoder, and its random-init floor), Dice per class on its test images.",
+    )
+    b.add_argument("--encoder", metavar="CKPT", help="exported encoder folder, or random:ARCH")
+    b.add_argument("--dataset", required=True, help="MedSegBench flag, e.g. busi or kvasir")
+    b.add_argument("--size", type=int, default=128, help="128, 256 or 512 (default 128)")
+    b.add_argument("--root", type=Path, help="folder of the .npz files (default DATA/medsegbench)")
+    b.add_argument("--steps", type=int, default=300, help="decoder steps per run (default 300)")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    b.add_argument("--max-train", type=int, default=500, help="training images used (seeded)")
+    b.add_argument("--max-test", type=int, help="test images scored (default: all)")
+    b.add_argument("--fine-tune", action="store_true", help="also fine-tune the encoder")
+    b.add_argument("--no-floor", action="store_true", help="skip the random-init encoder")
+    b.add_argument("--download", action="store_true", help="let medsegbench download the file")
+    b.add_argument("--out", type=Path, help="results path without suffix")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_data_arg(b)
+    b.set_defaults(func=cmd_bench_medsegbench)
 
     p = sub.add_parser(
         "pretrain",
