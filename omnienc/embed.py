@@ -5,6 +5,14 @@ MedMNIST split written ``medmnist:FLAG:SIZE:SPLIT``. The result is written as ``
 ``features`` ``(N, E)`` float32, ``ids`` ``(N,)``, ``inputs`` ``(N,)`` (which input each row came
 from), ``labels`` ``(N, k)`` when every input has labels, and ``meta`` (a JSON string naming the
 encoder and its preprocessing).
+
+Memory: a volume is encoded on its preprocessed grid (the checkpoint's ``spacing``, 2 mm for the
+shipped encoder, after the foreground crop). A grid larger than ``window`` voxels (default 128)
+along any axis is encoded by sliding windows of at most ``window`` voxels per axis
+(:func:`pooled_features`), so the encoder's activations are bounded by one window, not by the
+volume: about 110 MB for a 128^3 window of ``resconv_small`` on a CPU. What remains proportional to
+the volume is reading and resampling it (the native voxels as float32, a few copies), capped by
+:data:`omnienc.io.DEFAULT_MAX_VOXELS`. ``benchmarks/memory.py`` measures the peaks.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from omnienc.atomic import atomic_target
-from omnienc.data.folder import VolumeFolder
+from omnienc.data.folder import VolumeFolder, check_not_constant
 from omnienc.data.medmnist import MedMNIST, parse_medmnist_spec
 from omnienc.encoders.base import Encoder
 from omnienc.io import read_volume
@@ -33,6 +42,9 @@ from omnienc.transforms import preprocess_volume
 logger = logging.getLogger("omnienc")
 
 MEDMNIST_PREFIX = "medmnist:"
+# Largest preprocessed grid, in voxels per axis, encoded in one piece (256 mm at 2 mm spacing).
+DEFAULT_WINDOW = 128
+WINDOW_OVERLAP = 0.25
 
 
 @dataclass
@@ -109,8 +121,55 @@ def encoder_input(encoder: Encoder, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _encode(encoder: Encoder, batch: torch.Tensor) -> np.ndarray:
-    return encoder(encoder_input(encoder, batch)).float().cpu().numpy()
+def pooled_features(
+    encoder: Encoder,
+    batch: torch.Tensor,
+    window: int | None = DEFAULT_WINDOW,
+    overlap: float = WINDOW_OVERLAP,
+) -> np.ndarray:
+    """Pooled embeddings of a batch, by sliding windows where the grid is larger than ``window``.
+
+    A grid of at most ``window`` voxels along every axis (after :func:`encoder_input`) goes
+    through the encoder in one piece: the result is ``encoder(batch)`` exactly. A larger grid is
+    swept by MONAI's ``sliding_window_inference`` with windows of ``min(window, size)`` voxels per
+    axis, one window at a time; the deepest feature maps ``(E, w/r, ...)`` of the windows (``r``
+    the coarsest stride, 16 for ``resconv``) are stitched (averaged where windows overlap) into
+    one map of the whole grid, whose spatial mean is the embedding, as :meth:`Encoder.forward`
+    takes it. The two agree closely but not exactly: instance normalisation sees one window at a
+    time, not the whole grid. Peak memory of the encoder is that of one window, whatever the grid.
+
+    Args:
+        encoder: The frozen encoder (eval mode).
+        batch: ``(B, C, X, Y, Z)``.
+        window: Largest window side in voxels, at least twice the encoder's coarsest stride;
+            ``None`` or ``0`` encodes any grid in one piece.
+        overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
+
+    Returns:
+        ``(B, E)`` float32.
+
+    Raises:
+        ValueError: ``window`` is too small for the encoder or ``overlap`` is out of range.
+    """
+    x = encoder_input(encoder, batch)
+    size = tuple(int(s) for s in x.shape[2:])
+    if not window or all(s <= window for s in size):
+        return encoder(x).float().cpu().numpy()
+    stride = max(int(f["reduction"]) for f in encoder.feature_info)
+    if window < 2 * stride:
+        raise ValueError(f"window must be >= {2 * stride} voxels for this encoder, got {window}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    fmap = sliding_window_inference(
+        x,
+        roi_size=tuple(min(window, s) for s in size),
+        sw_batch_size=1,
+        predictor=encoder.forward_features,
+        overlap=overlap,
+        mode="constant",
+    )
+    assert isinstance(fmap, torch.Tensor)
+    return fmap.as_subclass(torch.Tensor).mean(dim=(2, 3, 4)).float().cpu().numpy()
 
 
 def _volume_items(
@@ -130,8 +189,10 @@ def _volume_items(
             yield item["id"], item["image"][None]
     else:
         volume = read_volume(path, frame=frame)
-        out = preprocess_volume(volume, preprocessing)
-        yield str(path), torch.from_numpy(out["image"])[None]
+        check_not_constant(volume, "nothing to embed")
+        image = preprocess_volume(volume, preprocessing)["image"]
+        del volume  # the native grid is not needed while the encoder runs
+        yield str(path), torch.from_numpy(image)[None]
 
 
 def embed_inputs(
@@ -144,6 +205,7 @@ def embed_inputs(
     cache_dir: Path | None = None,
     download: bool = False,
     progress: bool = True,
+    window: int | None = DEFAULT_WINDOW,
 ) -> Embeddings:
     """Compute pooled features of every input with a frozen encoder.
 
@@ -157,9 +219,18 @@ def embed_inputs(
         cache_dir: Preprocessing cache for folders.
         download: Let the medmnist package download missing files.
         progress: Show progress bars.
+        window: Volumes whose preprocessed grid is larger than this along an axis are encoded
+            by sliding windows of this size (:func:`pooled_features`); ``None`` or ``0``
+            encodes every volume in one piece.
 
     Returns:
         The :class:`Embeddings`.
+
+    Raises:
+        VolumeReadError: A volume file given as an input cannot be read (files inside a folder
+            input are skipped with a warning instead).
+        DataError: A volume file given as an input is constant, or a folder holds no usable
+            volume.
     """
     encoder.eval()
     feats: list[np.ndarray] = []
@@ -174,7 +245,7 @@ def embed_inputs(
             ds = MedMNIST(flag, split, size=size, root=medmnist_root, download=download)
             loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
             for batch in tqdm(loader, desc=spec, disable=not progress, unit="batch"):
-                feats.append(_encode(encoder, batch["image"]))
+                feats.append(pooled_features(encoder, batch["image"], window))
                 ids.extend(batch["id"])
                 sources.extend([spec] * len(batch["id"]))
                 labels.append(batch["label"].numpy())
@@ -186,7 +257,7 @@ def embed_inputs(
                 disable=not progress,
                 unit="vol",
             ):
-                feats.append(_encode(encoder, image))
+                feats.append(pooled_features(encoder, image, window))
                 ids.append(item_id)
                 sources.append(spec)
             labels.append(None)

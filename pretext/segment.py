@@ -27,7 +27,8 @@ from nibabel import orientations
 from scipy import ndimage
 from torch import nn
 
-from omnienc.checkpoint import load_checkpoint_config, load_encoder, load_extra
+from omnienc.checkpoint import load_checkpoint_config, load_encoder, load_extra, state_mismatch
+from omnienc.data.folder import check_not_constant
 from omnienc.data.labeled import check_same_grid, read_label_map
 from omnienc.encoders import Encoder
 from omnienc.errors import CheckpointError, DataError
@@ -223,7 +224,7 @@ def segment_fewshot(
         encoder.train(modes[0])
         head.train(modes[1])
     prob = resample_to_grid(prob_pre, query["affine"], query_image.shape, query_image.affine)
-    prob = np.clip(prob, 0.0, 1.0)
+    np.clip(prob, 0.0, 1.0, out=prob)  # in place: one native-grid float32 copy fewer
     return prob, prob > threshold
 
 
@@ -280,12 +281,15 @@ def load_incontext_head(
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"invalid in-context head config in meta: {e}") from e
     state = load_extra(path, HEAD_NAME)
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    problems = state_mismatch(head.state_dict(), state)
+    if problems:
         raise CheckpointError(
-            path, f"{HEAD_NAME} weights do not match its config: {str(e).splitlines()[0]}"
-        ) from e
+            path,
+            f"{HEAD_NAME} weights do not match the head that its config and the encoder "
+            f"({encoder.family}, feature channels {[f['num_chs'] for f in encoder.feature_info]}) "
+            "build: " + "; ".join(problems),
+        )
+    head.load_state_dict(state, strict=True)
     return head.eval(), meta
 
 
@@ -330,7 +334,8 @@ def segment_files(
     Raises:
         CheckpointError: The checkpoint is unreadable or has no in-context head.
         VolumeReadError: A volume cannot be read.
-        DataError: Support image and mask grids differ, or the selected label is absent.
+        DataError: Support image and mask grids differ, the selected label is absent, or the
+            support image or the query is constant.
     """
     checkpoint_dir, mask_path = Path(checkpoint_dir), Path(support_mask_path)
     query_path, output_path = Path(query_path), Path(output_path)
@@ -341,6 +346,7 @@ def segment_files(
     size = _check_args(crop_size or meta.get("crop_size") or DEFAULT_CROP, overlap, batch_size)
 
     support = read_volume(support_image_path)
+    check_not_constant(support, "nothing to segment")
     labels = read_label_map(mask_path)
     check_same_grid(support, labels)
     mask = labels.array == label if label is not None else labels.array > 0
@@ -354,6 +360,7 @@ def segment_files(
             f"{', '.join(str(int(v)) for v in present) or 'none'})",
         )
     query = read_volume(query_path)
+    check_not_constant(query, "nothing to segment")
     try:
         prob, binary = segment_fewshot(
             encoder,

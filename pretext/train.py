@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
-from omnienc.atomic import atomic_target
-from omnienc.checkpoint import save_encoder
+from omnienc.atomic import atomic_target, remove_stale_temps
+from omnienc.checkpoint import recover_interrupted_save, save_encoder
 from omnienc.errors import CheckpointError, OmniencError
 from omnienc.pretext.data import DataConfig, PretrainDataModule
 from omnienc.pretext.module import ModelConfig, PretrainModule
@@ -76,18 +77,73 @@ class PretrainConfig:
     checkpoint_every_n_epochs: int = 1
 
 
+# Test-only fault injection; never set it outside tests. It makes the interrupted-run tests
+# (tests/robustness/test_interrupts.py, omnienc.benchmarks.interrupts) deterministic:
+#   stop_at_step=N   the process stops itself (SIGSTOP) once optimiser step N is done, so that
+#                    the test can SIGKILL it from outside at a known point mid-epoch;
+#   kill_in_save=N   the process SIGKILLs itself during its Nth checkpoint write, after the
+#                    temporary file is complete and before it is renamed to last.ckpt.
+FAULT_ENV = "OMNIENC_TEST_FAULT"
+FAULT_KINDS = ("stop_at_step", "kill_in_save")
+
+
+def injected_fault(kind: str) -> int | None:
+    """The ``N`` of ``$OMNIENC_TEST_FAULT=KIND=N`` when it names ``kind``, else ``None``.
+
+    Raises:
+        ValueError: The variable is set but is not ``KIND=N`` with a known kind and ``N >= 1``.
+    """
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    if not spec:
+        return None
+    name, _, value = spec.partition("=")
+    if name not in FAULT_KINDS or not value.isdigit() or int(value) < 1:
+        raise ValueError(
+            f"{FAULT_ENV}={spec!r} is not one of {', '.join(k + '=N' for k in FAULT_KINDS)} "
+            "(N >= 1); it is for tests only: unset it"
+        )
+    return int(value) if name == kind else None
+
+
+class StopAtStep(Callback):
+    """Test-only: stop the process with SIGSTOP after optimiser step ``step`` (see FAULT_ENV)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file and renamed; loaded weights-only.
 
-    A kill during a write leaves the previous ``last.ckpt`` untouched. Loading uses
+    A kill during a write leaves the previous ``last.ckpt`` untouched (and a hidden temporary
+    that the next write, or the next run's start, removes). Loading uses
     ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saves = 0
+        self._kill_in_save = injected_fault("kill_in_save")
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        self._saves += 1
         with atomic_target(Path(path)) as tmp:
             torch.save(checkpoint, tmp)
+            if self._saves == self._kill_in_save:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -186,6 +242,28 @@ def _resume_path(config: PretrainConfig, ckpt_dir: Path) -> Path | None:
     return last if last.exists() and config.resume != "never" else None
 
 
+def _is_first_process() -> bool:
+    """Whether this is rank 0 of node 0 (the process that tidies and writes run files)."""
+    return all(int(os.environ.get(k, "0")) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
+
+
+def clean_interrupted_run(run_dir: Path) -> list[Path]:
+    """Tidy what a killed run left in ``run_dir`` before a new run (or a resume) starts.
+
+    Removes the hidden temporaries of a ``last.ckpt`` write whose process is gone, and repairs an
+    encoder export killed between its renames (:func:`omnienc.checkpoint.recover_interrupted_save`).
+    The complete ``last.ckpt`` is never touched.
+
+    Returns:
+        The temporaries removed.
+    """
+    removed = remove_stale_temps(run_dir / "checkpoints" / "last.ckpt")
+    for path in removed:
+        logger.warning("removed %s, left by an interrupted checkpoint write", path)
+    recover_interrupted_save(run_dir / "encoder")
+    return removed
+
+
 def build_trainer(config: PretrainConfig, run_dir: Path) -> pl.Trainer:
     """The Lightning Trainer of a run: checkpoints, export, logs, and the user's overrides."""
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -197,6 +275,9 @@ def build_trainer(config: PretrainConfig, run_dir: Path) -> pl.Trainer:
         PeriodicCheckpoint(run_dir / "checkpoints" / "last.ckpt", config.checkpoint_every_n_epochs),
         ExportEncoder(run_dir / "encoder", config.data.preprocessing),
     ]
+    stop_at = injected_fault("stop_at_step")
+    if stop_at is not None:
+        callbacks.append(StopAtStep(stop_at))
     loggers = [
         CSVLogger(run_dir, name="logs"),  # version_N per invocation: a resume never overwrites
         TensorBoardLogger(run_dir, name="tensorboard", default_hp_metric=False),
@@ -223,6 +304,8 @@ def pretrain(config: PretrainConfig) -> Path:
     """
     run_dir = Path(config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if _is_first_process():
+        clean_interrupted_run(run_dir)
     ckpt_path = _resume_path(config, run_dir / "checkpoints")
     if ckpt_path is not None:
         logger.warning("resuming from %s", ckpt_path)
@@ -280,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"omnienc pretrain: error: {exc}", file=sys.stderr)
         return 2
     run_dir = Path(config.run_dir).expanduser()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    if _is_first_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         namespace.pop("config", None)
         with atomic_target(run_dir / "config.yaml") as tmp:

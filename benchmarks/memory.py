@@ -1,0 +1,398 @@
+"""Peak memory of ``omnienc embed`` and ``omnienc segment`` on large volumes.
+
+Each case runs the command in a fresh process and reads that process's peak resident set size
+(``ru_maxrss`` from ``os.wait4``, started from a small launcher so that the pages of the process
+that starts it do not count; see :func:`peak_rss`), so imports, reading, preprocessing, the
+encoder and writing the output all count. Inputs, written as NIfTI into a scratch folder from
+real data:
+
+* ``128^3`` and ``256^3``: the TotalSegmentator CT (``example_ct.nii.gz``, 122x101x112 at 3 mm)
+  resampled to that many voxels over the same field of view (2.9/1.4 mm voxels), as a
+  higher-resolution scan of the same body would be;
+* ``512x512x300``: the 512x512 DICOM CT series (20 slices of 2 mm), interpolated to 300 slices
+  written 1 mm apart (a 500x500x300 mm chest-abdomen CT);
+* ``1024^3``: a complete, valid NIfTI of 1024^3 int16 zeros (2 GiB of voxels, 4 GiB as float32;
+  a few MB compressed). Its header is over :data:`omnienc.io.DEFAULT_MAX_VOXELS`, so both commands
+  must refuse it, naming the file, before anything of its size is allocated.
+
+The shipped checkpoint resamples to 2 mm, so the encoder sees grids of at most about 183x152x168
+(the CT at any resolution) and 250x250x150 (the 512x512x300 CT) before the foreground crop;
+``omnienc embed`` encodes grids larger than 128 voxels along an axis by 128^3 sliding windows
+(:func:`omnienc.embed.pooled_features`), and ``omnienc segment`` always sweeps 32^3 windows.
+
+The stated bound (:func:`bound_mb`)::
+
+    peak RSS <= 1300 MB + 5 x (float32 MB of the larger of the native and the 2 mm grid) + 400 MB
+
+``BASE_MB`` = 1300 covers the interpreter, torch, MONAI and the checkpoint (a process that
+refuses its input at once peaks at about 1150 MB); ``NATIVE_COPIES`` = 5 covers the copies of the
+volume alive at once while it is read (int16 and float32) and resampled (MONAI's ``Spacingd``
+computes in float64: 2 float32-sizes), and for ``segment`` the probability map and mask written
+back on the native grid; ``WINDOW_MB`` = 400 covers the encoder on one 128^3 window (about
+110 MB for ``resconv_small``) and the preprocessed grid. Encoded in one piece, activations would
+grow with the preprocessed grid instead (about 32 bytes per voxel: 0.5 GB at 256^3). With the
+shipped 2 mm checkpoint the peak on these inputs is set by reading and resampling, not by the
+encoder. Run::
+
+    python -m omnienc.benchmarks.memory [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from omnienc.data.root import resolve_data_root
+from omnienc.io import read_volume
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "omnienc-cpu30min"
+CT = "totalsegmentator/example_ct.nii.gz"
+DICOM_CT = "totalsegmentator/example_ct_dicom"
+SUPPORT = ("totalsegmentator/example_ct_sm.nii.gz", "totalsegmentator/example_seg.nii.gz")
+SUPPORT_LABEL = 5  # liver
+ENTRY_POINTS = ("embed", "segment")
+
+# The bound: see the module docstring.
+BASE_MB = 1300.0
+NATIVE_COPIES = 5.0
+WINDOW_MB = 400.0
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class MemoryInput:
+    """One input volume of the benchmark.
+
+    Attributes:
+        name: ``128^3``, ``256^3``, ``512x512x300`` or ``1024^3``.
+        path: The NIfTI file.
+        shape: Native ``(X, Y, Z)`` voxels (as its header declares).
+        spacing: Native voxel size in mm.
+        refused: Whether the commands must refuse it (header over the voxel limit).
+    """
+
+    name: str
+    path: Path
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    refused: bool = False
+
+    def describe(self, target_mm: float = 2.0) -> str:
+        """``SHAPE @ SPACING mm -> GRID @ 2 mm``; the grid is before the foreground crop."""
+        grid = "x".join(
+            str(max(1, round(n * s / target_mm)))
+            for n, s in zip(self.shape, self.spacing, strict=True)
+        )
+        native = "x".join(str(n) for n in self.shape)
+        spacing = "x".join(f"{s:.2g}" for s in self.spacing)
+        if self.refused:
+            return f"{native} @ {spacing} mm (over the voxel limit)"
+        return f"{native} @ {spacing} mm -> {grid} @ {target_mm:g} mm"
+
+
+def _write_int16(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    img = nib.Nifti1Image(np.rint(array).astype(np.int16), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def _resampled(
+    array: np.ndarray, affine: np.ndarray, shape: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` linearly resampled to ``shape`` over the same field of view, and its affine."""
+    factors = [n / o for n, o in zip(shape, array.shape, strict=True)]
+    out = ndimage.zoom(
+        array, factors, order=1, grid_mode=True, mode="grid-constant", cval=float(array.min())
+    )
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] / np.asarray(factors)[None, :]
+    return out, new_affine
+
+
+def make_inputs(
+    folder: Path,
+    quick: bool = False,
+    data_root: str | Path | None = None,
+    only: Sequence[str] | None = None,
+) -> list[MemoryInput]:
+    """Write the benchmark's input volumes into ``folder`` (see the module docstring).
+
+    Args:
+        folder: Scratch folder.
+        quick: Only ``128^3``, ``512x512x300`` and ``1024^3``.
+        data_root: Real data root (default ``$OMNIENC_DATA`` or ``../shared/data``).
+        only: Write only the inputs with these names.
+
+    Returns:
+        The inputs, smallest first.
+    """
+    volumes = resolve_data_root(data_root) / "volumes"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = (
+        ["128^3", "512x512x300", "1024^3"] if quick else ["128^3", "256^3", "512x512x300", "1024^3"]
+    )
+    if only is not None:
+        unknown = set(only) - set(names)
+        if unknown:
+            raise ValueError(f"unknown inputs {sorted(unknown)}; choose from {names}")
+        names = [n for n in names if n in only]
+    inputs = []
+    cubes = [int(n.split("^")[0]) for n in names if n in ("128^3", "256^3")]
+    if cubes:
+        ct = read_volume(volumes / CT)
+        for n in cubes:
+            array, affine = _resampled(ct.array, ct.affine, (n, n, n))
+            path = folder / f"ct_{n}.nii.gz"
+            _write_int16(path, array, affine)
+            inputs.append(MemoryInput(f"{n}^3", path, (n, n, n), spacing_of(affine)))
+        del ct
+    if "512x512x300" in names:
+        dicom = read_volume(volumes / DICOM_CT)
+        shape = (dicom.shape[0], dicom.shape[1], 300)
+        array = ndimage.zoom(dicom.array, (1.0, 1.0, shape[2] / dicom.shape[2]), order=1)
+        affine = dicom.affine.copy()
+        affine[:3, 2] = affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # 1 mm between slices
+        path = folder / "ct_512x512x300.nii.gz"
+        _write_int16(path, array, affine)
+        del array, dicom
+        inputs.append(MemoryInput("512x512x300", path, shape, spacing_of(affine)))
+    if "1024^3" in names:
+        path = folder / "zeros_1024cubed.nii.gz"
+        write_zeros_nifti(path, (1024, 1024, 1024), (0.5, 0.5, 0.5))
+        inputs.append(MemoryInput("1024^3", path, (1024, 1024, 1024), (0.5, 0.5, 0.5), True))
+    return inputs
+
+
+def write_zeros_nifti(path: Path, shape: Sequence[int], spacing: Sequence[float]) -> Path:
+    """Write a valid int16 ``.nii.gz`` of zeros without holding its voxels in memory.
+
+    The file is a series of gzip members (which gzip readers join): the header, then one
+    compressed block of zeros repeated, so writing a 2 GiB volume takes a fraction of a second.
+    """
+    affine = np.diag([*(float(s) for s in spacing), 1.0])
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(int(n) for n in shape))
+    header.set_data_dtype(np.int16)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header["vox_offset"] = 352
+    header["magic"] = b"n+1"
+    total = int(np.prod([int(n) for n in shape])) * 2
+    block = 1 << 24
+    zeros = gzip.compress(bytes(block), compresslevel=1)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header.binaryblock + bytes(4)))  # header + empty extension flag
+        for _ in range(total // block):
+            f.write(zeros)
+        if total % block:
+            f.write(gzip.compress(bytes(total % block), compresslevel=1))
+    return path
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm of a voxel-to-world affine."""
+    sx, sy, sz = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return float(sx), float(sy), float(sz)
+
+
+def bound_mb(item: MemoryInput, spacing: float = 2.0) -> float:
+    """The stated peak-RSS bound for one input (the same for both entry points).
+
+    ``BASE_MB + NATIVE_COPIES * grid_MB + WINDOW_MB``, ``grid_MB`` being the float32 size of
+    the larger of the native grid and the grid at ``spacing`` mm (the checkpoint's); a refused
+    input gets ``BASE_MB`` only: nothing of its size may be allocated.
+    """
+    if item.refused:
+        return BASE_MB
+    resampled = np.prod(
+        [max(1, round(n * s / spacing)) for n, s in zip(item.shape, item.spacing, strict=True)]
+    )
+    grid_mb = float(max(np.prod(item.shape), resampled)) * 4 / 2**20
+    return BASE_MB + NATIVE_COPIES * grid_mb + WINDOW_MB
+
+
+def omnienc_command() -> list[str]:
+    """The ``omnienc`` console script of this interpreter, or ``python -m omnienc.cli``."""
+    script = Path(sys.executable).with_name("omnienc")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "omnienc.cli"]
+
+
+# Runs argv[2:] as its child and writes the child's exit status and ru_maxrss (KiB) to argv[1].
+# Linux counts the pages a process held before exec() in its ru_maxrss, so a command forked
+# straight from a large process (a test runner, this benchmark after writing its inputs) would
+# report at least that process's size; forked from this small launcher it reports its own peak.
+_LAUNCHER = r"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as exc:
+        sys.stderr.write(f"cannot run {sys.argv[2]}: {exc}\n")
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
+def peak_rss(command: Sequence[str], timeout: float = TIMEOUT_S) -> tuple[float, float, int, str]:
+    """Run ``command`` in a fresh process and measure its peak resident set size.
+
+    The command runs as the child of a small launcher interpreter (see ``_LAUNCHER``), which
+    reports the command's ``ru_maxrss`` from ``os.wait4``: its own peak (and that of any
+    children it waited for), not that of the process that started it.
+
+    Returns:
+        ``(peak_rss_mb, seconds, returncode, stderr_tail)``; a command still running after
+        ``timeout`` seconds is killed (return code ``-9``).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report, err_path = Path(tmp) / "report", Path(tmp) / "stderr"
+        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report), *command]
+        start = time.perf_counter()
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                launcher, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            )
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command
+                proc.wait()
+        seconds = time.perf_counter() - start
+        tail = err_path.read_bytes().decode(errors="replace")[-2000:]
+        if not report.is_file():
+            return float("nan"), seconds, -signal.SIGKILL, tail
+        code, maxrss_kib = (int(v) for v in report.read_text().split())
+    return maxrss_kib / 1024, seconds, code, tail
+
+
+def _command(
+    entry_point: str, item: MemoryInput, checkpoint: Path, out: Path, volumes: Path
+) -> list[str]:
+    if entry_point == "embed":
+        return [*omnienc_command(), "embed", str(checkpoint), str(item.path), "-o", str(out), "-q"]
+    support, mask = (str(volumes / rel) for rel in SUPPORT)
+    return [
+        *omnienc_command(),
+        "segment",
+        str(checkpoint),
+        "--support",
+        support,
+        mask,
+        "--label",
+        str(SUPPORT_LABEL),
+        "--query",
+        str(item.path),
+        "-o",
+        str(out),
+    ]
+
+
+def _output_ok(entry_point: str, item: MemoryInput, out: Path, returncode: int, stderr: str) -> str:
+    """``""`` when the command did what it must, else what went wrong."""
+    if item.refused:
+        if returncode == 0:
+            return "not refused"
+        if "refusing to allocate" not in stderr or item.path.name not in stderr:
+            return f"refused without the expected message: {stderr.strip()[-300:]}"
+        if "Traceback" in stderr:
+            return "a traceback reached the user"
+        return ""
+    if returncode != 0:
+        return f"exit {returncode}: {stderr.strip()[-300:]}"
+    if entry_point == "embed":
+        with np.load(out, allow_pickle=False) as z:
+            feats = z["features"]
+        if feats.shape[0] != 1 or not np.all(np.isfinite(feats)):
+            return f"bad features {feats.shape}"
+    else:
+        shape = tuple(nib.load(out).shape)  # type: ignore[attr-defined]
+        if shape != item.shape:
+            return f"mask shape {shape} differs from the query {item.shape}"
+    return ""
+
+
+def measure_case(
+    entry_point: str,
+    item: MemoryInput,
+    scratch: Path,
+    checkpoint: Path = CHECKPOINT,
+    data_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run one entry point on one input in a fresh process; one result row."""
+    if entry_point not in ENTRY_POINTS:
+        raise ValueError(f"entry_point must be one of {ENTRY_POINTS}, got {entry_point!r}")
+    volumes = resolve_data_root(data_root) / "volumes"
+    suffix = ".npz" if entry_point == "embed" else ".nii.gz"
+    out = scratch / f"out-{entry_point}-{item.path.name.split('.')[0]}{suffix}"
+    peak, seconds, code, stderr = peak_rss(_command(entry_point, item, checkpoint, out, volumes))
+    problem = _output_ok(entry_point, item, out, code, stderr)
+    bound = bound_mb(item)
+    return {
+        "input": item.name,
+        "shape": item.describe(),
+        "entry_point": f"omnienc {entry_point}",
+        "peak_rss_mb": round(peak, 1),
+        "bound_mb": round(bound, 1),
+        "ok": not problem and peak <= bound,
+        "seconds": round(seconds, 1),
+        "outcome": "refused before allocating" if item.refused and not problem else problem or "ok",
+    }
+
+
+def measure_peaks(quick: bool = False) -> list[dict[str, Any]]:
+    """Peak RSS of ``omnienc embed`` and ``omnienc segment`` on every input.
+
+    Args:
+        quick: Leave out ``256^3`` and run ``segment`` on ``128^3`` and the refused header only.
+
+    Returns:
+        One row per (input, entry point): ``input``, ``shape`` (native, and the 2 mm grid the
+        encoder sees before the foreground crop), ``entry_point``, ``peak_rss_mb``, ``bound_mb``
+        (:func:`bound_mb`), ``ok`` (the command did what it must and stayed under the bound),
+        ``seconds``, ``outcome``.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="omnienc-memory-"))
+    try:
+        rows = []
+        for item in make_inputs(scratch / "inputs", quick=quick):
+            for entry_point in ENTRY_POINTS:
+                if quick and entry_point == "segment" and item.name == "512x512x300":
+                    continue
+                rows.append(measure_case(entry_point, item, scratch))
+        return rows
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the rows of :func:`measure_peaks`; exit 1 if any is not ok."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    args = parser.parse_args(argv)
+    rows = measure_peaks(quick=args.quick)
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
