@@ -316,9 +316,19 @@ def _read_weights(path: Path, entry: Any, what: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(path, f"{name} is not a readable safetensors file: {e}") from e
 
 
-def _load_state(path: Path, encoder: Encoder, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state`` into ``encoder``, or say exactly how they differ."""
-    expected = encoder.state_dict()
+def state_mismatch(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """How a state dict differs from the one a module expects; empty when it fits.
+
+    Args:
+        expected: The module's own ``state_dict()``.
+        state: The state dict read from a file.
+
+    Returns:
+        Missing keys, unexpected keys and shape mismatches (``key: checkpoint SHAPE vs model
+        SHAPE``), each list cut after a dozen entries.
+    """
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -334,11 +344,19 @@ def _load_state(path: Path, encoder: Encoder, state: Mapping[str, torch.Tensor])
     problems += shapes[:_LIST_LIMIT]
     if len(shapes) > _LIST_LIMIT:
         problems.append(f"and {len(shapes) - _LIST_LIMIT} more shape mismatches")
+    return problems
+
+
+def _load_state(path: Path, encoder: Encoder, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``encoder``, or say exactly how they differ."""
+    problems = state_mismatch(encoder.state_dict(), state)
     if problems:
+        settings = ", ".join(f"{k}={v}" for k, v in encoder.config.to_dict().items())
         raise CheckpointError(
             path,
             f"{WEIGHTS_FILE} does not match the {encoder.family} encoder built from "
-            f"{CONFIG_FILE}: " + "; ".join(problems),
+            f"{CONFIG_FILE} ({settings}): " + "; ".join(problems) + "; the weights come from "
+            "an encoder of another architecture or input size than config.json describes",
         )
     encoder.load_state_dict(state, strict=True)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         download=args.download,
         progress=not args.quiet,
+        window=args.window,
     )
     seconds = time.perf_counter() - start
     emb.meta = {
@@ -161,6 +163,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "arch": getattr(encoder, "family", type(encoder).__name__),
         "embed_dim": int(encoder.embed_dim),
         "preprocessing": preprocessing.to_dict(),
+        "window": args.window,
         "inputs": inputs,
         "seconds": round(seconds, 2),
         "omnienc": __version__,
@@ -283,6 +286,71 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_describe(args: argparse.Namespace) -> int:
+    """``omnienc describe CKPT VOLUME --lm PATH [--projector DIR]``: print generated text."""
+    from omnienc.adapters.language import describe
+
+    result = describe(
+        args.checkpoint, args.volume, args.lm, args.projector, args.max_new_tokens, args.frame
+    )
+    print(result.text)
+    if result.templated:
+        print(
+            f"omnienc: note: projector {result.projector} was trained on templated text made "
+            "from labels, not on radiology reports",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_umap(args: argparse.Namespace) -> int:
+    """``omnienc umap CKPT INPUT... -o OUT``: latent maps (PNG, HTML, CSV) and their numbers."""
+    from omnienc.adapters.latent import LatentOptions, check_inputs
+    from omnienc.adapters.latent_maps import (
+        build_latent_map,
+        comparison_rows,
+        map_encoders,
+        write_latent_map,
+        write_summary,
+    )
+    from omnienc.data.root import resolve_data_root
+    from omnienc.embed import MEDMNIST_PREFIX
+
+    positionals = list(args.items)
+    checkpoint = None if args.random else positionals.pop(0)
+    if not positionals:
+        raise SystemExit(
+            "omnienc umap: give CKPT and at least one INPUT, or --random ARCH INPUT..."
+        )
+    medmnist_root = None
+    if any(i.startswith(MEDMNIST_PREFIX) for i in positionals):
+        medmnist_root = resolve_data_root(args.data) / "medmnist"
+    check_inputs(positionals, medmnist_root, args.download)
+    options = LatentOptions(
+        max_per_input=args.max_per_input,
+        crop_size=tuple(args.crop_size) if args.crop_size else None,
+        min_voxels=args.min_voxels,
+        n_neighbors=args.n_neighbors,
+        min_dist=args.min_dist,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        frame=args.frame,
+        cache_dir=args.cache_dir,
+        download=args.download,
+    )
+    maps = []
+    for enc in map_encoders(checkpoint, args.random, args.seed, floor=not args.no_floor):
+        m = build_latent_map(enc, positionals, medmnist_root, options, progress=not args.quiet)
+        paths = write_latent_map(m, args.output)
+        print(f"{enc.tag}: {len(m.latent)} points -> " + ", ".join(str(p) for p in paths.values()))
+        maps.append(m)
+    command = "omnienc " + " ".join(args.argv)
+    summary = write_summary(maps, args.output, command, positionals, options)
+    print_table(*comparison_rows(maps))
+    print(f"wrote {summary}")
+    return 0
+
+
 def cmd_bench_medsegbench(args: argparse.Namespace) -> int:
     """``omnienc bench medsegbench``: the segmentation decoder on a MedSegBench set."""
     from omnienc.atomic import write_bytes_atomic
@@ -366,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", metavar="ARCH", help="use a random-init encoder (the floor)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .npz")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--window",
+        type=int,
+        default=128,
+        metavar="N",
+        help="encode preprocessed grids larger than N voxels along an axis by sliding windows "
+        "of N (bounds memory; default 128); 0 encodes every volume in one piece",
+    )
     p.add_argument("--frame", type=int, help="frame of 4D files to read")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init encoder")
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default ~/.cache/omnienc)")
@@ -517,6 +593,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="label value of MASK to use (default: MASK > 0)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .nii.gz")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser(
+        "align",
+        help="train a projector from the frozen encoder into a causal LM (Lightning)",
+        add_help=False,
+        description="See `omnienc align --help`.",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)  # handled in main() before argparse
+
+    p = sub.add_parser(
+        "describe",
+        help="generate text for a volume through an aligned projector and LM",
+        description="Encode VOLUME with the frozen encoder CKPT, project it into the language "
+        "model's input space and print the LM's greedy text. The projector defaults to the "
+        "projector/ folder beside CKPT (as `omnienc align` writes it).",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="encoder folder (or random:ARCH[:SEED])")
+    p.add_argument("volume", type=Path, metavar="VOLUME", help="volume file or DICOM folder")
+    p.add_argument("--lm", type=Path, required=True, metavar="PATH", help="the aligned LM folder")
+    p.add_argument("--projector", type=Path, metavar="DIR", help="projector folder")
+    p.add_argument("--max-new-tokens", type=int, help="longest text (default: the projector's)")
+    p.add_argument("--frame", type=int, help="frame of 4D files to read")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser(
+        "umap",
+        help="latent-space map of mixed inputs: PNG, interactive HTML, CSV + measured structure",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Embed mixed inputs with a frozen encoder (and, by default, a random-init "
+        "encoder of the same shape), map them to 2D with a seeded UMAP (cosine distance on "
+        "centred features) and write, per encoder, OUT/TAG.png (coloured by modality, dataset, "
+        "label and organ group), OUT/TAG.html (self-contained; hover shows the source file) and "
+        "OUT/TAG.csv (2D coordinates with ids), plus OUT/metrics.json: silhouette per colouring "
+        "(features and 2D), cross-validated kNN accuracy, and trustworthiness of the map.\n\n"
+        "INPUT is one of:\n"
+        "  a volume file or a folder of volumes (scanned recursively, DICOM by series)\n"
+        "  medmnist:FLAG:SIZE:SPLIT       e.g. medmnist:adrenalmnist3d:28:test\n"
+        "  structures:IMAGE:LABELS[:NAME] one crop (--crop-size) around each structure of the\n"
+        "                                 label map LABELS (same grid as IMAGE) with at least\n"
+        "                                 --min-voxels voxels; label = TotalSegmentator name\n"
+        "                                 of its id, or NAME for every structure of a binary\n"
+        "                                 mask, or 'label K' with NAME = ids (other label maps)\n"
+        "  (paths in structures: specs may not contain ':')\n\n"
+        "example:\n"
+        "  omnienc umap checkpoints/omnienc-cpu30min ../shared/data/volumes \\\n"
+        "    structures:../shared/data/volumes/totalsegmentator/example_ct_sm.nii.gz:"
+        "../shared/data/volumes/totalsegmentator/example_seg.nii.gz \\\n"
+        "    medmnist:adrenalmnist3d:28:test --max-per-input 200 -o runs/umap",
+    )
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="CKPT_OR_INPUT",
+        help="CKPT then INPUTs; with --random, only INPUTs",
+    )
+    p.add_argument("--random", metavar="ARCH", help="map a random-init encoder only")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--no-floor", action="store_true", help="skip the random-init encoder")
+    p.add_argument("--seed", type=int, default=0, help="UMAP, subsets, folds, random-init weights")
+    p.add_argument("--max-per-input", type=int, metavar="N", help="random subset per input")
+    p.add_argument(
+        "--crop-size",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="structure crop in preprocessed voxels (default: checkpoint's crop)",
+    )
+    p.add_argument("--min-voxels", type=int, default=100, help="smallest structure cropped")
+    p.add_argument("--n-neighbors", type=int, default=15, help="UMAP neighbourhood")
+    p.add_argument("--min-dist", type=float, default=0.1, help="UMAP min_dist")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--frame", type=int, help="frame of 4D files to read")
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default ~/.cache/omnienc)")
+    p.add_argument("--download", action="store_true", help="let medmnist download missing files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_data_arg(p)
+    p.set_defaults(func=cmd_umap)
     return parser
 
 
@@ -608,12 +761,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``omnienc`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["pretrain"]:
+    if argv[:1] == ["pretrain"] or argv[:2] == ["--debug", "pretrain"]:
         # jsonargparse owns everything after `pretrain` (dotted overrides, --config files).
+        debug = argv[0] == "--debug"
         logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
         from omnienc.pretext.train import main as pretrain_main
 
-        return pretrain_main(argv[1:])
+        rest = argv[2:] if debug else argv[1:]
+        return _report_errors(lambda: pretrain_main(rest), debug, "omnienc pretrain")
+    if argv[:1] == ["align"] or argv[:2] == ["--debug", "align"]:
+        # jsonargparse owns everything after `align`, as for `pretrain`.
+        debug = argv[0] == "--debug"
+        logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
+        from omnienc.adapters.language import main as align_main
+
+        rest = argv[2:] if debug else argv[1:]
+        return _report_errors(lambda: align_main(rest), debug, "omnienc align")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # the command as typed, for results files
@@ -621,21 +784,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="omnienc: %(levelname)s: %(message)s",
     )
+    return _report_errors(lambda: int(args.func(args)), args.debug)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its lines joined and terminal escapes removed: an error is one line."""
+    return " ".join(ln.strip() for ln in _ANSI.sub("", str(text)).splitlines() if ln.strip())
+
+
+def _report_errors(run: Callable[[], int], debug: bool, prog: str = "omnienc") -> int:
+    """Run a command; print a user-fixable error in one line (no traceback unless ``debug``)."""
     try:
-        return int(args.func(args))
+        return int(run())
     except OmniencError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"omnienc: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("omnienc: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError, RuntimeError) as exc:
-        if args.debug:
+        if debug:
             raise
         print(
-            f"omnienc: error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            f"{prog}: error: {type(exc).__name__}: {_one_line(str(exc))} "
+            "(rerun with --debug for details)",
             file=sys.stderr,
         )
         return 1

@@ -17,11 +17,15 @@ what is wrong with it.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +38,10 @@ import SimpleITK as sitk
 from nibabel import orientations
 
 from omnienc.atomic import atomic_target
-from omnienc.errors import VolumeReadError
+from omnienc.errors import PathError, VolumeReadError
 from omnienc.preprocessing import MODALITIES
+
+logger = logging.getLogger("omnienc")
 
 # SimpleITK prints ITK warnings (e.g. "No Series were found") straight to stderr; we raise instead.
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -45,8 +51,25 @@ SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".dcm.gz", ".dicom", ".ima")
 SUPPORTED_SUFFIXES = NIBABEL_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
 
-# A header may not claim more voxels than this (4 GiB as float32) unless the caller raises it.
-DEFAULT_MAX_VOXELS = 2**30
+# A header may not claim more voxels than this unless the caller raises it: 2 GiB as float32,
+# room for a 512x512x2048 CT; reading needs a few float32 copies of it (benchmarks/memory.py),
+# so a 1024^3 header is refused before anything is allocated.
+DEFAULT_MAX_VOXELS = 2**29
+# A NIfTI file may hold at most this many bytes after the voxels its header declares (padding to
+# a disk block); more means a damaged header (e.g. a flipped bit in a dimension). MGH/MGZ files
+# carry a footer (TR, flip angle, tags) there, which is read up to _MAX_FOOTER bytes.
+_MAX_TRAILING = 512
+_MAX_FOOTER = 16 * 2**20
+# Leading bytes of formats a misnamed file may really be in, for pointed error messages.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"PK\x03\x04", "a ZIP archive (e.g. .npz)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+)
 
 # (1, 1, 1) -> identity: flips LPS (ITK's world) to RAS (nibabel's world).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -128,6 +151,178 @@ def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     return float(sx), float(sy), float(sz)
 
 
+def check_readable(path: str | Path, error: type[PathError] = VolumeReadError) -> None:
+    """Raise ``error`` naming ``path`` if it cannot be opened, and saying why.
+
+    Tells apart a missing path, a dangling symbolic link, a symbolic link loop, a file that cannot
+    be read and a folder that cannot be listed (file modes are checked by opening, not with
+    ``os.access``, so that the answer is also right for root and for ACLs).
+
+    Args:
+        path: A file or folder.
+        error: The :class:`~omnienc.errors.PathError` subclass to raise.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error(
+                path, f"dangling symbolic link to {os.readlink(path)} (the target does not exist)"
+            ) from None
+        raise error(path, "no such file or folder") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(path, "symbolic link loop (the link leads back to itself)") from None
+        if exc.errno == errno.EACCES:
+            raise error(path, "permission denied: a folder on its path cannot be entered") from None
+        raise error(path, f"cannot be opened ({exc.strerror})") from None
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.scandir(path).close()
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        what = "the folder cannot be listed" if stat.S_ISDIR(st.st_mode) else "cannot read the file"
+        raise error(path, f"permission denied: {what} (check its mode and owner)") from None
+    except OSError as exc:
+        raise error(path, f"cannot be opened ({exc.strerror})") from None
+
+
+def _sniff(path: Path) -> str | None:
+    """What the first bytes of ``path`` say it is, when that is a format people misname."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    # DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-format files).
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "a DICOM file"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "a NIfTI-1 image"
+    if head.startswith(b"ObjectType") or b"ElementDataFile" in head:
+        return "a MetaImage (.mha) header"
+    if head.startswith(b"NRRD"):
+        return "an NRRD image"
+    if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "a text file"
+    return None
+
+
+def _misnamed(path: Path) -> str:
+    """`` (its content looks like X, not SUFFIX)`` when the content contradicts the suffix."""
+    what = _sniff(path)
+    suffix = file_suffix(path)
+    expected = {
+        ".nii": ("a NIfTI-1 image",),
+        ".nii.gz": ("gzip-compressed",),
+        ".mgz": ("gzip-compressed",),
+        ".dcm.gz": ("gzip-compressed",),
+        ".dcm": ("a DICOM file",),
+        ".mha": ("a MetaImage (.mha) header",),
+        ".mhd": ("a MetaImage (.mha) header",),
+        ".nrrd": ("an NRRD image",),
+        ".nhdr": ("an NRRD image",),
+    }.get(suffix, ())
+    if what is None or what in expected:
+        return ""
+    return f"; its content looks like {what}, not a {suffix} file: is it misnamed?"
+
+
+def _verify_gzip(path: Path, needed: int, trailing: int) -> int:
+    """Decompress ``path`` once in blocks: the gzip CRC-32 and length checks find flipped bits.
+
+    nibabel stops reading at the last voxel, before the checksum, so a bit flipped inside the
+    compressed voxels would go unnoticed; this pass reads to the end of the stream.
+
+    Args:
+        path: A gzip-compressed file.
+        needed: Bytes the header says the uncompressed file holds at least.
+        trailing: Bytes allowed after those (at most); more is an error.
+
+    Returns:
+        The uncompressed size.
+
+    Raises:
+        VolumeReadError: Corrupt or truncated compressed data, fewer bytes than ``needed``, or
+            more than ``needed + trailing``.
+    """
+    size = 0
+    limit = needed + trailing
+    try:
+        with gzip.open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                size += len(block)
+                if size > limit:
+                    break
+    except EOFError as exc:
+        raise VolumeReadError(
+            path,
+            f"truncated or corrupt compressed data: the gzip stream ends early ({exc}); was the "
+            "file cut short?",
+        ) from None
+    except gzip.BadGzipFile as exc:
+        raise VolumeReadError(
+            path,
+            f"truncated or corrupt compressed data ({exc}): the file is damaged "
+            "(a flipped bit or a bad copy)",
+        ) from None
+    except (zlib.error, OSError) as exc:
+        raise VolumeReadError(
+            path, f"truncated or corrupt compressed data ({type(exc).__name__}: {exc})"
+        ) from None
+    if size < needed:
+        raise VolumeReadError(
+            path,
+            f"truncated: header promises {needed:,} bytes (header + voxels), the compressed "
+            f"file holds {size:,}",
+        )
+    if size > limit:
+        raise VolumeReadError(
+            path,
+            f"holds more bytes after its voxels than its header declares ({needed:,} bytes of "
+            "header + voxels): the header's dimensions or data type are damaged",
+        )
+    return size
+
+
+def _gzip_head_problem(path: Path) -> str | None:
+    """Why the start of a gzip file cannot be decompressed, or ``None`` if it can."""
+    if _sniff(path) != "gzip-compressed":
+        return None
+    try:
+        with gzip.open(path, "rb") as f:
+            f.read(4096)
+    except EOFError:
+        return "truncated: the compressed file ends inside the image header (file cut short?)"
+    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+        return f"truncated or corrupt compressed data in the image header ({exc})"
+    return None
+
+
+@contextmanager
+def _nibabel_reports(path: Path) -> Iterator[list[str]]:
+    """Collect what nibabel logs while reading a header (it prints fixes without a file name)."""
+    nib_logger = logging.getLogger("nibabel.global")
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    saved = nib_logger.handlers[:], nib_logger.propagate
+    nib_logger.handlers, nib_logger.propagate = [_Collect()], False
+    try:
+        yield messages
+    finally:
+        nib_logger.handlers, nib_logger.propagate = saved
+
+
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder/flip the first three axes to the closest canonical RAS+ orientation.
 
@@ -170,7 +365,7 @@ def _select_3d(array: np.ndarray, path: Path, frame: int | None) -> np.ndarray:
         raise VolumeReadError(
             path,
             f"is 4D with {n} frames (shape {array.shape}); pass frame=0..{n - 1} to choose one "
-            "(omnienc never picks a frame silently)",
+            "(--frame on the command line; omnienc never picks a frame silently)",
         )
     if not 0 <= frame < n:
         raise VolumeReadError(path, f"frame={frame} is out of range: the file has {n} frames")
@@ -200,23 +395,43 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
 
 
 def _read_nibabel(path: Path, frame: int | None, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    suffix = file_suffix(path)
     try:
-        img: Any = nib.ecat.load(path) if file_suffix(path) == ".v" else nib.load(path)
+        with _nibabel_reports(path) as reports:
+            img: Any = nib.ecat.load(path) if suffix == ".v" else nib.load(path)
     except Exception as exc:
-        raise VolumeReadError(path, f"unreadable header ({type(exc).__name__}: {exc})") from exc
+        damage = _gzip_head_problem(path) if suffix in (".nii.gz", ".mgz") else None
+        if damage is not None:
+            raise VolumeReadError(path, damage) from exc
+        raise VolumeReadError(
+            path, f"unreadable header ({type(exc).__name__}: {exc}){_misnamed(path)}"
+        ) from exc
+    for message in dict.fromkeys(reports):
+        logger.warning("%s: nibabel repaired the header on reading: %s", path, message)
     shape = tuple(int(s) for s in img.shape)
     _check_size(shape, path, max_voxels)
-    if file_suffix(path) in (".nii", ".mgh"):
-        # Uncompressed: the file must hold every voxel the header promises.
+    if suffix in (".nii", ".mgh", ".nii.gz", ".mgz"):
+        # The file must hold every voxel the header promises, and (NIfTI) nothing much more.
         expected = int(np.prod(shape)) * img.get_data_dtype().itemsize
         offset = int(getattr(img.dataobj, "offset", 0))
-        actual = path.stat().st_size
-        if actual < offset + expected:
-            raise VolumeReadError(
-                path,
-                f"truncated: header promises {expected:,} bytes of voxels after offset "
-                f"{offset}, the file has {actual - offset:,}",
-            )
+        trailing = _MAX_TRAILING if suffix in (".nii", ".nii.gz") else _MAX_FOOTER
+        if suffix in (".nii.gz", ".mgz"):
+            _verify_gzip(path, offset + expected, trailing)
+        else:
+            actual = path.stat().st_size
+            if actual < offset + expected:
+                raise VolumeReadError(
+                    path,
+                    f"truncated: header promises {expected:,} bytes of voxels after offset "
+                    f"{offset}, the file has {actual - offset:,}{_misnamed(path)}",
+                )
+            if actual > offset + expected + trailing:
+                raise VolumeReadError(
+                    path,
+                    f"holds {actual - offset - expected:,} more bytes after its voxels than its "
+                    f"header declares (shape {shape}, {img.get_data_dtype()}): the header's "
+                    "dimensions or data type are damaged",
+                )
     try:
         array = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
@@ -247,17 +462,23 @@ def _sitk_size_check(reader: sitk.ImageFileReader, path: Path, max_voxels: int) 
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeReadError(path, f"unreadable header ({_itk_message(exc)})") from exc
+        hint = _misnamed(path)
+        if not hint and _sniff(path) == "a DICOM file":
+            hint = "; the file starts like DICOM, so it is probably truncated or corrupt"
+        raise VolumeReadError(path, f"unreadable header ({_itk_message(exc)}){hint}") from exc
     _check_size(tuple(reader.GetSize()), path, max_voxels)
 
 
 def _itk_message(exc: Exception) -> str:
-    """The useful last line of an ITK exception (they carry C++ file/line noise)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if not ln.startswith(("itk::", "ITK ", "sitk::")) and "line " not in ln[:60]:
-            return re.sub(r"\s+", " ", ln)[:300]
-    return re.sub(r"\s+", " ", str(exc))[:300]
+    """The useful last line of an ITK exception, without its C++ file/line noise."""
+    useful = []
+    for ln in (ln.strip() for ln in str(exc).splitlines()):
+        if not ln or ln.startswith("Exception thrown in SimpleITK") or "line " in ln[:60]:
+            continue
+        if re.match(r"^\S+\.(cxx|hxx|txx|h):\d+", ln):
+            continue
+        useful.append(re.sub(r"^((s?itk|ITK)::\w+:?\s*)+(\w+\(0x[0-9a-f]+\):\s*)?", "", ln))
+    return re.sub(r"\s+", " ", useful[-1] if useful else str(exc))[:300]
 
 
 @contextmanager
@@ -288,9 +509,70 @@ def _dicom_modality(reader: sitk.ImageFileReader | sitk.Image) -> str | None:
     return None
 
 
+_MET_BYTES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+
+
+def _check_metaimage(path: Path, max_voxels: int) -> None:
+    """Check an uncompressed one-file MetaImage's size before ITK reads it.
+
+    ITK's MetaIO reader prints "data not read completely" to the terminal for a short file;
+    this check names the file and the shortfall instead. Headers it does not follow (data in
+    another file, compressed data) are left to ITK.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    fields: dict[str, str] = {}
+    offset = None
+    pos = 0
+    for line in head.split(b"\n"):
+        pos += len(line) + 1
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            return
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            offset = pos
+            break
+    if offset is None or fields.get("ElementDataFile") != "LOCAL":
+        return
+    actual = path.stat().st_size - offset
+    try:
+        dims = tuple(int(v) for v in fields["DimSize"].split())
+        _check_size(dims, path, max_voxels)
+        if fields.get("CompressedData", "False").lower() == "true":
+            expected = int(fields["CompressedDataSize"])
+            what = "compressed bytes"
+        else:
+            itemsize = _MET_BYTES[fields["ElementType"]]
+            channels = int(fields.get("ElementNumberOfChannels", "1"))
+            expected = int(np.prod(dims, dtype=np.float64)) * itemsize * channels
+            what = f"bytes of voxels ({fields['DimSize']} {fields['ElementType']})"
+    except (KeyError, ValueError):
+        return
+    if actual < expected:
+        raise VolumeReadError(
+            path, f"truncated: header promises {expected:,} {what}, the file has {actual:,}"
+        )
+
+
 def _read_sitk_file(
     path: Path, frame: int | None, max_voxels: int
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
+    if file_suffix(path) == ".mha":
+        _check_metaimage(path, max_voxels)
     with _plain_dicom(path) as readable:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(readable))
@@ -319,7 +601,14 @@ def _read_dicom_folder(
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
     series = list_dicom_series(folder)
     if not series:
-        raise VolumeReadError(folder, "folder holds no readable DICOM series")
+        others = sum(1 for p in folder.iterdir() if is_volume_path(p))
+        hint = (
+            f"; it holds {others} other volume file(s): read_volume reads one file or one DICOM "
+            "series folder (scan a folder of volumes with VolumeFolder or `omnienc info DIR`)"
+            if others
+            else ""
+        )
+        raise VolumeReadError(folder, "folder holds no readable DICOM series" + hint)
     if series_uid is not None:
         series = [s for s in series if s[0] == series_uid]
         if not series:
@@ -396,14 +685,14 @@ def read_volume(
         The :class:`Volume`.
 
     Raises:
-        VolumeReadError: Missing, empty, truncated or corrupt files, unsupported formats,
-            non-3D data, non-finite voxels, oversized headers, mixed DICOM series.
+        VolumeReadError: Missing, empty, unreadable (permissions, symbolic link loops, dangling
+            links), truncated or corrupt files (gzip CRC checked), misnamed or unsupported
+            formats, non-3D data, non-finite voxels, oversized headers, mixed DICOM series.
     """
     path = Path(path)
     if modality is not None and modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    if not path.exists():
-        raise VolumeReadError(path, "no such file or folder")
+    check_readable(path)
     dicom_modality: str | None = None
     if path.is_dir():
         array, affine, dicom_modality = _read_dicom_folder(path, series_uid, frame, max_voxels)
@@ -418,14 +707,13 @@ def read_volume(
             )
         if path.stat().st_size == 0:
             raise VolumeReadError(path, "empty file (0 bytes)")
-        if not os.access(path, os.R_OK):
-            raise VolumeReadError(path, "permission denied")
         if suffix in NIBABEL_SUFFIXES:
             array, affine = _read_nibabel(path, frame, max_voxels)
         else:
             array, affine, dicom_modality = _read_sitk_file(path, frame, max_voxels)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise VolumeReadError(path, f"degenerate voxel-to-world affine:\n{affine}")
+        rows = "; ".join(" ".join(f"{v:.4g}" for v in row) for row in affine)
+        raise VolumeReadError(path, f"degenerate voxel-to-world affine [{rows}]")
     array = np.asarray(array, dtype=np.float32)
     _check_finite(array, path)
     array, affine = _to_ras(array, affine)

@@ -34,6 +34,8 @@ from omnienc.errors import DataError, OmniencError
 from omnienc.io import (
     DICOM_SUFFIXES,
     SUPPORTED_SUFFIXES,
+    Volume,
+    check_readable,
     file_suffix,
     list_dicom_series,
     read_volume,
@@ -127,11 +129,16 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def find_volume_sources(root: Path) -> tuple[list[VolumeSource], int]:
+def find_volume_sources(
+    root: Path, errors: list[OSError] | None = None
+) -> tuple[list[VolumeSource], int]:
     """List the volumes below ``root``.
 
     Args:
         root: A folder.
+        errors: If given, every folder that could not be listed (permissions, a folder replaced
+            while scanning) is appended to it as the ``OSError`` naming it; otherwise such
+            folders are passed over silently.
 
     Returns:
         ``(sources, n_ignored)``: volume sources in a stable order, and how many files with
@@ -140,7 +147,8 @@ def find_volume_sources(root: Path) -> tuple[list[VolumeSource], int]:
     sources: list[VolumeSource] = []
     ignored = 0
     seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+    onerror = errors.append if errors is not None else None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=onerror):
         folder = Path(dirpath)
         try:
             st = folder.stat()
@@ -171,7 +179,9 @@ def find_volume_sources(root: Path) -> tuple[list[VolumeSource], int]:
                 if len(files) == 1:
                     sources.append(VolumeSource(Path(files[0])))
                 else:
-                    sources.append(VolumeSource(folder, uid or None, tuple(files)))
+                    # An empty uid is a series too (GDCM's id when SeriesInstanceUID is blank):
+                    # keep it, so that read_volume picks this series and no other.
+                    sources.append(VolumeSource(folder, uid, tuple(files)))
             # DICOM files GDCM cannot place in a series are tried one by one (and reported).
             sources.extend(VolumeSource(p) for p in dicom_plain if str(p) not in grouped)
     return sources, ignored
@@ -182,10 +192,29 @@ def _content_hash(source: VolumeSource) -> str:
     files = source.files or (str(source.path),)
     for name in files:
         h.update(os.path.basename(name).encode())
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            with open(name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            check_readable(name)  # raises VolumeReadError saying why
+            raise
     return h.hexdigest()
+
+
+def check_not_constant(volume: Volume, purpose: str = "nothing to learn") -> None:
+    """Refuse a volume whose voxels all have one value (a blank or failed export).
+
+    Args:
+        volume: The volume.
+        purpose: What cannot be done with it, for the message.
+
+    Raises:
+        DataError: Every voxel has the same value; the message names the file.
+    """
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if lo == hi:
+        raise DataError(volume.source, f"constant volume (every voxel is {lo:g}): {purpose}")
 
 
 def is_label_map(array: np.ndarray, path: Path) -> bool:
@@ -243,8 +272,9 @@ class VolumeFolder(Dataset):
         progress: bool = True,
     ) -> None:
         self.root = Path(root)
-        if not self.root.exists():
+        if not self.root.exists() and not self.root.is_symlink():
             raise DataError(self.root, "no such folder")
+        check_readable(self.root, DataError)  # dangling or looping links, permissions
         if not self.root.is_dir():
             raise DataError(self.root, "is a file; VolumeFolder scans a folder")
         self.preprocessing = preprocessing or Preprocessing()
@@ -253,7 +283,17 @@ class VolumeFolder(Dataset):
         self.min_size = min_size
         self.manifest: list[ManifestEntry] = []
         self.skipped: list[tuple[str, str]] = []
-        sources, self.n_ignored = find_volume_sources(self.root)
+        unlisted: list[OSError] = []
+        sources, self.n_ignored = find_volume_sources(self.root, unlisted)
+        for err in unlisted:
+            where = Path(err.filename) if err.filename else self.root
+            problem = (
+                "permission denied: the folder cannot be listed, so its volumes are left out"
+                if isinstance(err, PermissionError)
+                else f"cannot be listed ({err.strerror}), so its volumes are left out"
+            )
+            self.skipped.append((str(where), f"{where}: {problem}"))
+            logger.warning("skipping %s: %s", where, problem)
         for source in tqdm(
             sources, desc=f"scanning {self.root.name}", disable=not progress, unit="vol"
         ):
@@ -298,6 +338,7 @@ class VolumeFolder(Dataset):
         return h.hexdigest()
 
     def _prepare(self, source: VolumeSource) -> ManifestEntry:
+        check_readable(source.path)
         key = self._key(source)
         cache_file = self.cache_dir / f"{key}.npz"
         if cache_file.exists():
@@ -315,11 +356,8 @@ class VolumeFolder(Dataset):
             except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
                 logger.warning("corrupt cache entry %s (%s); rebuilding it", cache_file, exc)
         volume = read_volume(source.path, series_uid=source.series_uid, frame=self.frame)
+        check_not_constant(volume)
         lo, hi = float(volume.array.min()), float(volume.array.max())
-        if lo == hi:
-            raise DataError(
-                source.path, f"constant volume (every voxel is {lo:g}): nothing to learn"
-            )
         kind = "label" if is_label_map(volume.array, source.path) else "image"
         if kind == "label":
             # Label maps are listed, not normalised: keep them on their native grid.

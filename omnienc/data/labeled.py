@@ -37,8 +37,13 @@ def check_same_grid(image: Volume, label: Volume) -> None:
             label.source,
             f"label map affine differs from its image {image.source} by up to {diff:.4g} "
             f"(same shape {image.shape}, different position/orientation/spacing): "
-            f"image affine\n{np.round(image.affine, 4)}\nlabel affine\n{np.round(label.affine, 4)}",
+            f"image affine {_rows(image.affine)}, label affine {_rows(label.affine)}",
         )
+
+
+def _rows(affine: np.ndarray) -> str:
+    """A 4x4 matrix on one line: ``[a b c d; e f g h; ...]``."""
+    return "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in affine) + "]"
 
 
 def read_label_map(path: str | Path, **kwargs: Any) -> Volume:
