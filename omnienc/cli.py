@@ -53,7 +53,6 @@ def _fmt_tuple(t: Sequence[float], digits: int = 3) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``omnienc info PATH...``: shape, spacing, orientation, modality and range per volume."""
-    from omnienc.data.folder import VolumeFolder
     from omnienc.io import read_volume
 
     header = ["path", "kind", "shape", "spacing (mm)", "orient.", "modality", "range"]
@@ -62,6 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for spec in args.paths:
         path = Path(spec)
         if path.is_dir() and not args.series:
+            from omnienc.data.folder import VolumeFolder  # MONAI: seconds to import, folders only
+
             folder = VolumeFolder(
                 path,
                 cache_dir=args.cache_dir,

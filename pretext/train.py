@@ -28,7 +28,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
 from omnienc.atomic import atomic_target, remove_stale_temps
-from omnienc.checkpoint import recover_interrupted_save, save_encoder
+from omnienc.checkpoint import recover_interrupted_save, save_encoder, state_mismatch
 from omnienc.errors import CheckpointError, OmniencError
 from omnienc.pretext.data import DataConfig, PretrainDataModule
 from omnienc.pretext.module import ModelConfig, PretrainModule
@@ -156,8 +156,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except Exception as exc:
             raise CheckpointError(
                 path,
-                f"not a loadable training checkpoint ({type(exc).__name__}: {str(exc)[:300]}); "
-                "only weights-only checkpoints are accepted",
+                f"not a loadable training checkpoint ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); only weights-only checkpoints "
+                "are accepted (pickled objects are refused, never run)",
             ) from exc
 
 
@@ -242,6 +243,30 @@ def _resume_path(config: PretrainConfig, ckpt_dir: Path) -> Path | None:
     return last if last.exists() and config.resume != "never" else None
 
 
+def check_resumable(ckpt_path: Path, module: pl.LightningModule) -> None:
+    """Refuse to resume from a checkpoint written by a different model.
+
+    Lightning would fail deep inside ``load_state_dict`` with every mismatched tensor; this
+    names the checkpoint and the first differences, and says how to go on.
+
+    Raises:
+        CheckpointError: The checkpoint is unreadable or its weights do not fit ``module``.
+    """
+    checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(ckpt_path, "has no model state_dict; it is not a training checkpoint")
+    problems = state_mismatch(module.state_dict(), state)
+    if problems:
+        raise CheckpointError(
+            ckpt_path,
+            "was written by a different model than this config builds ("
+            + "; ".join(problems[:4])
+            + (f"; {len(problems) - 4} more" if len(problems) > 4 else "")
+            + "); resume with the run's own config, or choose another run_dir",
+        )
+
+
 def _is_first_process() -> bool:
     """Whether this is rank 0 of node 0 (the process that tidies and writes run files)."""
     return all(int(os.environ.get(k, "0")) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
@@ -312,6 +337,8 @@ def pretrain(config: PretrainConfig) -> Path:
     pl.seed_everything(config.seed, workers=True)
     datamodule = PretrainDataModule(config.data, data_root=config.data_root, seed=config.seed)
     module = PretrainModule(config.model, config.data.pair.crop_size, seed=config.seed)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module)
     trainer = build_trainer(config, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     return run_dir / "encoder"

@@ -170,6 +170,16 @@ def test_resume_never_refuses_an_existing_run(tmp_path: Path, tiny_data: Path, c
     assert "resume=never" in capsys.readouterr().err
 
 
+def test_resume_with_another_encoder_names_the_checkpoint(tmp_path: Path, tiny_data: Path, capsys):
+    cfg = _config(tmp_path, tiny_data, max_steps=2)
+    assert main(["pretrain", "--config", str(cfg)]) == 0
+    more = ["--trainer.max_steps", "4", "--model.encoder", "resconv_small"]
+    assert main(["pretrain", "--config", str(cfg), *more]) == 1
+    err = capsys.readouterr().err
+    assert "last.ckpt: was written by a different model" in err and "Traceback" not in err
+    assert "checkpoint (" in err and "vs model (" in err  # the shapes that differ
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path, tiny_data: Path, capsys):
     cfg = _config(tmp_path, tiny_data, max_steps=6)
     code = main(
