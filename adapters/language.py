@@ -62,7 +62,7 @@ from omnienc.adapters.language_data import (
 )
 from omnienc.atomic import atomic_target, write_bytes_atomic
 from omnienc.checkpoint import file_sha256, save_encoder
-from omnienc.config import config_from_dict, config_to_dict
+from omnienc.config import JsonConfig, trainer_config_parser
 from omnienc.encoders.base import Encoder
 from omnienc.errors import CheckpointError
 from omnienc.io import read_volume
@@ -84,7 +84,7 @@ LM_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass(frozen=True)
-class ProjectorConfig:
+class ProjectorConfig(JsonConfig):
     """The projector from encoder tokens to prefix embeddings.
 
     Attributes:
@@ -95,6 +95,8 @@ class ProjectorConfig:
         num_heads: Attention heads of the resampler (must divide ``width``).
         dropout: Dropout inside the projector while training.
     """
+
+    config_name = "projector config"
 
     kind: str = "resampler"
     num_prefix: int = 8
@@ -112,15 +114,6 @@ class ProjectorConfig:
             raise ValueError(f"num_heads {self.num_heads} must divide width {self.width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        return config_from_dict(cls, d, "projector config")
 
 
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -903,27 +896,15 @@ def align(config: AlignConfig, tokens: TokenSet | None = None, progress: bool = 
 
 def build_parser() -> Any:
     """jsonargparse parser of ``omnienc align`` (config file + dotted overrides)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="omnienc align",
-        description="Train a projector from a frozen encoder into a frozen causal LM on paired "
+    return trainer_config_parser(
+        "omnienc align",
+        "Train a projector from a frozen encoder into a frozen causal LM on paired "
         "(volume, text) data, and export it beside the encoder. Values come from --config YAML "
         "files, then dotted overrides such as --trainer.max_steps 100 or "
         "--projector.kind mlp. Unknown keys are errors.",
-        exit_on_error=False,
+        AlignConfig,
+        TRAINER_DEFAULTS,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
-    parser.add_class_arguments(AlignConfig, skip={"trainer"}, sub_configs=True)
-    parser.add_method_arguments(
-        pl.Trainer,
-        "__init__",
-        "trainer",
-        skip={"callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing"},
-        fail_untyped=False,
-    )
-    parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from omnienc.adapters.segmentation import (
     train_segmentation,
 )
 from omnienc.benchmarks.classification import RANDOM_PREFIX
-from omnienc.benchmarks.segmentation import build_benchmark_encoder
+from omnienc.benchmarks.segmentation import build_benchmark_encoder, summarize_runs
 from omnienc.checkpoint import file_sha256
 from omnienc.data.medsegbench import MedSegBench
 from omnienc.data.root import resolve_data_root
@@ -123,15 +123,7 @@ def run_medsegbench_benchmark(
                     "train_seconds": round(history["seconds"], 1),
                 }
             )
-    summary: dict[str, Any] = {}
-    for mode in modes:
-        rows = [r for r in runs if r["mode"] == mode]
-        table = {n: [r["dice"][n] for r in rows if r["dice"][n] is not None] for n in names}
-        table["mean"] = [r["mean_dice"] for r in rows if r["mean_dice"] is not None]
-        summary[mode] = {
-            k: {"mean": float(np.mean(v)), "sd": float(np.std(v)), "n": len(v)} if v else None
-            for k, v in table.items()
-        }
+    summary = summarize_runs(runs, modes, names)
     folder = Path(root) if root is not None else resolve_data_root() / "medsegbench"
     data_file = folder / f"{flag}_{size}.npz"
     return {

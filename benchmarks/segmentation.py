@@ -95,6 +95,32 @@ def real_segmentation_split(
     return train, test, description
 
 
+def summarize_runs(
+    runs: Sequence[dict[str, Any]], modes: Sequence[str], names: Sequence[str]
+) -> dict[str, Any]:
+    """Mean and SD over seeds of each structure's Dice and of the mean Dice, per mode.
+
+    Args:
+        runs: One dict per seed and mode, with ``mode``, ``dice`` (name -> value or ``None``
+            where the structure is absent) and ``mean_dice``.
+        modes: The modes to summarise, e.g. ``["frozen", "fine-tune"]``.
+        names: The structures.
+
+    Returns:
+        ``{mode: {name or "mean": {"mean", "sd", "n"} or None when no run has a value}}``.
+    """
+    summary: dict[str, Any] = {}
+    for mode in modes:
+        rows = [r for r in runs if r["mode"] == mode]
+        table = {n: [r["dice"][n] for r in rows if r["dice"][n] is not None] for n in names}
+        table["mean"] = [r["mean_dice"] for r in rows if r["mean_dice"] is not None]
+        summary[mode] = {
+            k: {"mean": float(np.mean(v)), "sd": float(np.std(v)), "n": len(v)} if v else None
+            for k, v in table.items()
+        }
+    return summary
+
+
 def build_benchmark_encoder(spec: str, seed: int) -> tuple[Encoder, Preprocessing, dict[str, Any]]:
     """An encoder from a checkpoint folder or ``random:ARCH``.
 
@@ -214,15 +240,7 @@ def run_segmentation_benchmark(
                     "train_seconds": round(history["seconds"], 1),
                 }
             )
-    summary: dict[str, Any] = {}
-    for mode in modes:
-        rows = [r for r in runs if r["mode"] == mode]
-        table = {n: [r["dice"][n] for r in rows] for n in names}
-        table["mean"] = [r["mean_dice"] for r in rows]
-        summary[mode] = {
-            k: {"mean": float(np.mean(v)), "sd": float(np.std(v)), "n": len(v)}
-            for k, v in table.items()
-        }
+    summary = summarize_runs(runs, modes, names)
     return {
         "encoder": encoder_spec,
         "split": description,

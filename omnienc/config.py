@@ -69,3 +69,40 @@ class JsonConfig:
             ValueError: A key is unknown or a value is invalid.
         """
         return config_from_dict(cls, d, cls.config_name)
+
+
+def trainer_config_parser(
+    prog: str, description: str, config_cls: type, trainer_defaults: Mapping[str, Any]
+) -> Any:
+    """A jsonargparse parser for a run config dataclass with Lightning Trainer overrides.
+
+    The config's fields become arguments (nested dataclasses as dotted groups), ``--config``
+    reads YAML files, and the Trainer's own ``__init__`` arguments sit under ``trainer.*``
+    (keyword arguments, not an instance, as in LightningCLI) with ``trainer_defaults``. Unknown
+    keys are errors. Used by ``omnienc pretrain`` and ``omnienc align``.
+
+    Args:
+        prog: The command's name, for help and errors.
+        description: The ``--help`` text.
+        config_cls: The run config dataclass; its ``trainer`` field is skipped (it is the
+            ``trainer.*`` group).
+        trainer_defaults: Defaults of ``trainer.*``.
+
+    Returns:
+        The ``jsonargparse.ArgumentParser``.
+    """
+    import pytorch_lightning as pl
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
+    parser.add_class_arguments(config_cls, skip={"trainer"}, sub_configs=True)
+    parser.add_method_arguments(
+        pl.Trainer,
+        "__init__",
+        "trainer",
+        skip={"callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing"},
+        fail_untyped=False,
+    )
+    parser.set_defaults({f"trainer.{k}": v for k, v in trainer_defaults.items()})
+    return parser

@@ -29,6 +29,7 @@ from pytorch_lightning.callbacks import Callback
 
 from omnienc.atomic import atomic_target, remove_stale_temps
 from omnienc.checkpoint import recover_interrupted_save, save_encoder, state_mismatch
+from omnienc.config import trainer_config_parser
 from omnienc.errors import CheckpointError, OmniencError
 from omnienc.pretext.data import DataConfig, PretrainDataModule
 from omnienc.pretext.module import ModelConfig, PretrainModule
@@ -346,27 +347,14 @@ def pretrain(config: PretrainConfig) -> Path:
 
 def build_parser() -> Any:
     """jsonargparse parser of ``omnienc pretrain`` (config file + dotted overrides)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="omnienc pretrain",
-        description="Pretrain the shared encoder by mask-guided in-context segmentation and a "
+    return trainer_config_parser(
+        "omnienc pretrain",
+        "Pretrain the shared encoder by mask-guided in-context segmentation and a "
         "contrastive objective. Values come from --config YAML files, then dotted overrides "
         "such as --trainer.max_steps 100 or --data.batch_size 8. Unknown keys are errors.",
-        exit_on_error=False,
+        PretrainConfig,
+        TRAINER_DEFAULTS,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
-    parser.add_class_arguments(PretrainConfig, skip={"trainer"}, sub_configs=True)
-    # The Trainer's own signature under trainer.* (kwargs, not an instance, as in LightningCLI).
-    parser.add_method_arguments(
-        pl.Trainer,
-        "__init__",
-        "trainer",
-        skip={"callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing"},
-        fail_untyped=False,
-    )
-    parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
-    return parser
 
 
 def parse_config(argv: list[str]) -> tuple[PretrainConfig, Any, Any]:
