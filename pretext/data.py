@@ -176,6 +176,9 @@ class PretrainDataModule(pl.LightningDataModule):
         self.seed = seed
         self.dataset: PairDataset | None = None
         self.sources: list[str] = []
+        # Built once per process: prepare_data and setup both need the folders, and building
+        # them again would warn twice about every skipped file.
+        self._folder_list: list[VolumeFolder] | None = None
 
     def _cache_dir(self) -> Path:
         from omnienc.data.folder import default_cache_dir
@@ -192,16 +195,18 @@ class PretrainDataModule(pl.LightningDataModule):
         return paths
 
     def _folders(self, progress: bool) -> list[VolumeFolder]:
-        return [
-            VolumeFolder(
-                root,
-                self.config.preprocessing,
-                cache_dir=self._cache_dir(),
-                min_size=self.config.min_size,
-                progress=progress,
-            )
-            for root in self._root_paths()
-        ]
+        if self._folder_list is None:
+            self._folder_list = [
+                VolumeFolder(
+                    root,
+                    self.config.preprocessing,
+                    cache_dir=self._cache_dir(),
+                    min_size=self.config.min_size,
+                    progress=progress,
+                )
+                for root in self._root_paths()
+            ]
+        return self._folder_list
 
     def prepare_data(self) -> None:
         for folder in self._folders(progress=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -178,6 +179,20 @@ def test_resume_with_another_encoder_names_the_checkpoint(tmp_path: Path, tiny_d
     err = capsys.readouterr().err
     assert "last.ckpt: was written by a different model" in err and "Traceback" not in err
     assert "checkpoint (" in err and "vs model (" in err  # the shapes that differ
+
+
+def test_a_bad_file_is_skipped_with_one_warning(
+    tmp_path: Path, tiny_data: Path, caplog: pytest.LogCaptureFixture
+):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "volumes" / "broken.nii.gz").write_bytes(b"")
+    cfg = _config(tmp_path, data, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="omnienc"):
+        assert main(["pretrain", "--config", str(cfg)]) == 0
+    assert caplog.text.count("broken.nii.gz") == 1, caplog.text
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path, tiny_data: Path, capsys):
