@@ -405,7 +405,8 @@ MISMATCHES: dict[str, tuple[str, Callable[[AttackContext, Path], tuple[bool, str
     "run resumed with another encoder in the config": (
         "omnienc pretrain (resume)",
         _resume_other_encoder,
-        r"size mismatch for encoder\..*from checkpoint, the shape in current model is",
+        r"last\.ckpt: was written by a different model than this config builds \(.*"
+        r"encoder\.\S+: checkpoint \(\d+, .*\) vs model \(\d+, ",
     ),
 }
 
