@@ -51,7 +51,6 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from omnienc.adapters.language_data import (
-    RANDOM_PREFIX,
     PairedDataConfig,
     TokenSet,
     collate_tokens,
@@ -63,6 +62,7 @@ from omnienc.adapters.language_data import (
 from omnienc.atomic import atomic_target, write_bytes_atomic
 from omnienc.checkpoint import file_sha256, save_encoder
 from omnienc.config import JsonConfig, trainer_config_parser
+from omnienc.encoders import RANDOM_PREFIX
 from omnienc.encoders.base import Encoder
 from omnienc.errors import CheckpointError
 from omnienc.io import read_volume

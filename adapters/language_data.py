@@ -45,14 +45,12 @@ from omnienc.data.labelnames import structure_names
 from omnienc.data.medmnist import MedMNIST
 from omnienc.data.root import resolve_data_root
 from omnienc.embed import encoder_input
-from omnienc.encoders import arch_name, random_encoder
+from omnienc.encoders import RANDOM_PREFIX, arch_name, parse_random_spec, random_encoder
 from omnienc.encoders.base import Encoder
 from omnienc.errors import DataError
 from omnienc.io import read_volume
 from omnienc.preprocessing import Preprocessing
 from omnienc.transforms import preprocess_volume, select_foreground
-
-RANDOM_PREFIX = "random:"
 
 ADRENAL = "adrenalmnist3d"
 TOTALSEG = "totalseg"
@@ -572,10 +570,11 @@ def load_encoder_spec(spec: str | Path) -> tuple[Encoder, Preprocessing, dict[st
         ValueError: Unknown architecture in ``random:ARCH``.
     """
     text = str(spec)
-    if text.startswith(RANDOM_PREFIX):
-        arch, _, seed = text.removeprefix(RANDOM_PREFIX).partition(":")
-        encoder = random_encoder(arch, int(seed or 0))
-        pre, meta = Preprocessing(), {"random_init": f"random:{arch}:{int(seed or 0)}"}
+    parsed = parse_random_spec(text)
+    if parsed is not None:
+        arch, seed = parsed[0], parsed[1] or 0
+        encoder = random_encoder(arch, seed)
+        pre, meta = Preprocessing(), {"random_init": f"{RANDOM_PREFIX}{arch}:{seed}"}
     else:
         encoder, pre = load_encoder(spec)
         meta = load_checkpoint_config(spec).get("meta") or {}

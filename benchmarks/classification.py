@@ -54,14 +54,19 @@ from omnienc.benchmarks.anchors import ANCHORS, CITATION
 from omnienc.benchmarks.machine import cpu_model
 from omnienc.checkpoint import file_sha256, load_encoder
 from omnienc.data.medmnist import MedMNIST
-from omnienc.encoders import arch_name, random_encoder, random_like
+from omnienc.encoders import (
+    RANDOM_PREFIX,
+    arch_name,
+    parse_random_spec,
+    random_encoder,
+    random_like,
+)
 from omnienc.encoders.base import Encoder
 
 FROZEN_METHODS = ("linear", "knn", "attention")
 TRAINED_METHODS = ("scratch", "finetune")
 METHODS = FROZEN_METHODS + TRAINED_METHODS
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
-RANDOM_PREFIX = "random:"
 
 
 @dataclass(frozen=True)
@@ -140,11 +145,10 @@ def resolve_encoder(spec: str | Path, seed: int = 0) -> EncoderUnderTest:
         ValueError: Unknown architecture.
         CheckpointError: The folder is not a loadable checkpoint.
     """
-    text = str(spec)
-    if text.startswith(RANDOM_PREFIX):
-        parts = text[len(RANDOM_PREFIX) :].split(":")
-        arch = parts[0]
-        seed = int(parts[1]) if len(parts) > 1 else seed
+    parsed = parse_random_spec(spec)
+    if parsed is not None:
+        arch, spec_seed = parsed
+        seed = seed if spec_seed is None else spec_seed
         return EncoderUnderTest(
             random_encoder(arch, seed),
             random_checkpoint_id(arch, seed),

@@ -28,8 +28,11 @@ from omnienc.adapters.segmentation import (
     medsegbench_items,
     train_segmentation,
 )
-from omnienc.benchmarks.classification import RANDOM_PREFIX
-from omnienc.benchmarks.segmentation import build_benchmark_encoder, summarize_runs
+from omnienc.benchmarks.segmentation import (
+    build_benchmark_encoder,
+    floor_spec_of,
+    summarize_runs,
+)
 from omnienc.checkpoint import file_sha256
 from omnienc.data.medsegbench import MedSegBench
 from omnienc.data.root import resolve_data_root
@@ -153,15 +156,9 @@ def run_medsegbench_suite(
     Returns:
         ``{"encoder", "floor", "benchmarks": [payloads], "seconds"}``.
     """
-    from omnienc.encoders import arch_name
-
     start = time.perf_counter()
-    specs = [encoder_spec]
-    floor_spec = None
-    if floor and not encoder_spec.startswith(RANDOM_PREFIX):
-        encoder, _, _ = build_benchmark_encoder(encoder_spec, seed=0)
-        floor_spec = RANDOM_PREFIX + arch_name(encoder)
-        specs.append(floor_spec)
+    floor_spec = floor_spec_of(encoder_spec) if floor else None
+    specs = [encoder_spec] + ([floor_spec] if floor_spec else [])
     payloads = [run_medsegbench_benchmark(spec, flag, size, **kwargs) for spec in specs]
     return {
         "encoder": encoder_spec,

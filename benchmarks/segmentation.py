@@ -30,11 +30,10 @@ from omnienc.adapters.segmentation import (
     select_structures,
     train_segmentation,
 )
-from omnienc.benchmarks.classification import RANDOM_PREFIX
 from omnienc.checkpoint import load_checkpoint_config, load_encoder
 from omnienc.data.labeled import check_same_grid, read_label_map
 from omnienc.data.root import resolve_data_root
-from omnienc.encoders import Encoder, random_encoder
+from omnienc.encoders import RANDOM_PREFIX, Encoder, arch_name, parse_random_spec, random_encoder
 from omnienc.errors import DataError
 from omnienc.io import Volume, read_volume
 from omnienc.preprocessing import Preprocessing
@@ -95,6 +94,14 @@ def real_segmentation_split(
     return train, test, description
 
 
+def floor_spec_of(encoder_spec: str) -> str | None:
+    """``random:ARCH`` of a checkpoint's architecture (its floor); ``None`` for a random spec."""
+    if parse_random_spec(encoder_spec) is not None:
+        return None
+    encoder, _, _ = build_benchmark_encoder(encoder_spec, seed=0)
+    return RANDOM_PREFIX + arch_name(encoder)
+
+
 def summarize_runs(
     runs: Sequence[dict[str, Any]], modes: Sequence[str], names: Sequence[str]
 ) -> dict[str, Any]:
@@ -131,8 +138,10 @@ def build_benchmark_encoder(spec: str, seed: int) -> tuple[Encoder, Preprocessin
     Returns:
         ``(encoder, preprocessing, meta)``; ``meta`` is the checkpoint's (``{}`` for random).
     """
-    if spec.startswith(RANDOM_PREFIX):
-        return random_encoder(spec.removeprefix(RANDOM_PREFIX), seed), Preprocessing(), {}
+    parsed = parse_random_spec(spec)
+    if parsed is not None:
+        arch, spec_seed = parsed
+        return random_encoder(arch, seed if spec_seed is None else spec_seed), Preprocessing(), {}
     encoder, pre = load_encoder(spec)
     return encoder, pre, load_checkpoint_config(spec).get("meta") or {}
 
@@ -277,15 +286,9 @@ def run_segmentation_suite(
     Returns:
         ``{"encoder", "floor", "benchmarks": [run_segmentation_benchmark payloads], "seconds"}``.
     """
-    from omnienc.encoders import arch_name
-
     start = time.perf_counter()
-    specs = [encoder_spec]
-    floor_spec = None
-    if floor and not encoder_spec.startswith(RANDOM_PREFIX):
-        encoder, _, _ = build_benchmark_encoder(encoder_spec, seed=0)
-        floor_spec = RANDOM_PREFIX + arch_name(encoder)
-        specs.append(floor_spec)
+    floor_spec = floor_spec_of(encoder_spec) if floor else None
+    specs = [encoder_spec] + ([floor_spec] if floor_spec else [])
     payloads = []
     for spec in specs:
         payload = run_segmentation_benchmark(

@@ -218,3 +218,13 @@ def test_random_encoders_are_seeded_and_random_like_keeps_the_shape():
     floor = random_like(a, 3)
     assert floor.family == a.family and floor.config == a.config
     assert all(torch.equal(v, sa[k]) for k, v in floor.state_dict().items())
+
+
+def test_random_spec_parsing() -> None:
+    from omnienc.encoders import parse_random_spec
+
+    assert parse_random_spec("random:resconv_small") == ("resconv_small", None)
+    assert parse_random_spec("random:resconv_small:3") == ("resconv_small", 3)
+    assert parse_random_spec("checkpoints/omnienc-cpu30min") is None
+    with pytest.raises(ValueError, match="random:resconv_small:x: the seed"):
+        parse_random_spec("random:resconv_small:x")

@@ -113,6 +113,26 @@ def random_encoder(name: str, seed: int) -> Encoder:
     return build_encoder(name)
 
 
+RANDOM_PREFIX = "random:"
+"""Prefix of an encoder spec that means a random-init registered encoder: ``random:ARCH[:SEED]``."""
+
+
+def parse_random_spec(spec: object) -> tuple[str, int | None] | None:
+    """``random:ARCH[:SEED]`` -> ``(ARCH, SEED or None)``; any other spec -> ``None``.
+
+    Raises:
+        ValueError: ``SEED`` is not an integer.
+    """
+    text = str(spec)
+    if not text.startswith(RANDOM_PREFIX):
+        return None
+    arch, _, seed = text.removeprefix(RANDOM_PREFIX).partition(":")
+    try:
+        return arch, int(seed) if seed else None
+    except ValueError:
+        raise ValueError(f"{text}: the seed in random:ARCH:SEED must be an integer") from None
+
+
 def random_like(encoder: Encoder, seed: int) -> Encoder:
     """A random-init encoder of the same family and config (the floor any pretraining must beat)."""
     torch.manual_seed(seed)
@@ -141,6 +161,7 @@ def arch_family(name: str) -> str:
 __all__ = [
     "ENCODERS",
     "FAMILIES",
+    "RANDOM_PREFIX",
     "Encoder",
     "EncoderConfig",
     "ResConvConfig",
@@ -151,6 +172,7 @@ __all__ = [
     "arch_name",
     "build_encoder",
     "encoder_from_config",
+    "parse_random_spec",
     "random_encoder",
     "random_like",
 ]
