@@ -753,8 +753,6 @@ def _links_and_permissions(w: _Writer) -> None:
     locked.mkdir()
     shutil.copyfile(w.real(GOOD), locked / "hidden.nii")
     locked.chmod(0)
-    skip = Expect("skip", ((locked, "permission denied"),))
-    error = Expect("error", ((locked, "permission denied"),))
     w.cases.append(
         BadInput(
             "unreadable permissions",
@@ -762,15 +760,7 @@ def _links_and_permissions(w: _Writer) -> None:
             locked,
             folder,
             GOOD,
-            {
-                "read_volume": error,
-                "VolumeFolder": skip,
-                "info": error,
-                "masks": skip,
-                "pretrain": skip,
-                "embed": error,
-                "segment": error,
-            },
+            _file_expect(locked, "permission denied"),
             role="folder",
             unreadable=True,
             note="a subfolder with mode 000 beside a good volume",
