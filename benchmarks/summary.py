@@ -1,0 +1,415 @@
+"""One table per encoder across the evaluation suite, and the noise rule that ranks recipes.
+
+``omnienc bench summary --encoder CKPT [CKPT ...] [--quick]`` runs every task of the suite on
+each encoder beside a random-init encoder of the same shape, and reports per task the metric,
+the floor, the gain over the floor and the *normalised gain* ``(metric - floor) / (1 - floor)``
+(the share of the distance from the floor to a perfect score that pretraining covered), and one
+number per encoder: the mean normalised gain over the tasks. Given several encoders of one
+recipe (pretraining seeds), it also reports the SD of every metric and of the summary across
+them, and the smallest difference the suite can call (:func:`callable_difference`).
+
+Tasks (each from its own benchmark module, the same code ``omnienc bench all`` runs):
+
+* MedMNIST frozen linear probes at 100% of the labels (AUC): AdrenalMNIST3D 28, BreastMNIST 28,
+  RetinaMNIST 28 (multi-class, macro one-vs-rest);
+* CT segmentation: the frozen decoder, mean Dice on another CT (:mod:`.segmentation`);
+* few-shot in-context segmentation across scans (:mod:`.fewshot`);
+* BraTS tumour vs tumour-free crops, leave-one-case-out linear probe (:mod:`.brats_classify`);
+* BraTS label efficiency of the frozen decoder (:mod:`.brats_labeleff`).
+
+``quick=True`` shrinks every task to its quick mode (the recipe comparison in under 10 minutes
+on 2 CPU cores); the full mode is what ``omnienc bench all`` reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnienc.atomic import write_bytes_atomic
+
+# Two-sided 95% normal quantile, for the difference of two recipes' means.
+Z95 = 1.96
+
+
+@dataclass(frozen=True)
+class SuiteScore:
+    """One task's headline metric for an encoder and for its random-init floor.
+
+    Attributes:
+        task: Stable key, e.g. ``adrenalmnist3d_28_linear_auc``.
+        label: What it measures, for tables.
+        metric: ``AUC`` or ``Dice`` (both in [0, 1], 1 best).
+        value: The encoder's score.
+        floor: The random-init encoder's score (``None`` when the task has no floor).
+    """
+
+    task: str
+    label: str
+    metric: str
+    value: float
+    floor: float | None
+
+    @property
+    def gain(self) -> float | None:
+        """``value - floor``."""
+        return None if self.floor is None else self.value - self.floor
+
+    @property
+    def normalised_gain(self) -> float | None:
+        """``(value - floor) / (1 - floor)``: 1 is a perfect score, 0 the floor, < 0 below it."""
+        if self.floor is None or not math.isfinite(self.value) or self.floor >= 1.0:
+            return None
+        return (self.value - self.floor) / (1.0 - self.floor)
+
+
+def mean_normalised_gain(scores: Sequence[SuiteScore]) -> float:
+    """The single summary number: the mean of the tasks' normalised gains (NaN if none)."""
+    gains = [g for s in scores if (g := s.normalised_gain) is not None]
+    return float(np.mean(gains)) if gains else float("nan")
+
+
+def callable_difference(sd: float, n_a: int = 1, n_b: int = 1, z: float = Z95) -> float:
+    """Smallest difference of two recipes' mean scores that is not seed noise.
+
+    With ``n_a`` and ``n_b`` pretraining seeds per recipe and a seed SD of ``sd`` (measured on
+    one recipe, assumed shared), the difference of the two means has SD
+    ``sd * sqrt(1/n_a + 1/n_b)``; a difference beyond ``z`` times that (95%, two-sided) is
+    called. One seed each: ``2.77 sd``; three seeds each: ``1.60 sd``.
+    """
+    return z * sd * math.sqrt(1.0 / n_a + 1.0 / n_b)
+
+
+# ------------------------------------------------------------------- scores of each payload
+
+
+def scores_from_classification(payload: dict[str, Any]) -> list[SuiteScore]:
+    """The frozen linear probe's AUC at 100% of the labels, encoder and floor."""
+    rows = {
+        r["encoder"]: r
+        for r in payload["rows"]
+        if r["method"] == "linear" and float(r["fraction"]) == 1.0
+    }
+    if "pretrained" not in rows and "random-init" not in rows:
+        return []
+    enc = rows.get("pretrained") or rows["random-init"]
+    floor = rows.get("random-init") if "pretrained" in rows else None
+    flag, size = payload["dataset"], payload["size"]
+    return [
+        SuiteScore(
+            f"{flag}_{size}_linear_auc",
+            f"{flag} {size}: frozen linear probe, 100% labels",
+            "AUC",
+            float(enc["metrics"]["auc"]),
+            None if floor is None else float(floor["metrics"]["auc"]),
+        )
+    ]
+
+
+def scores_from_segmentation(suite: dict[str, Any]) -> list[SuiteScore]:
+    """The frozen decoder's mean Dice on the held-out CT, encoder and floor."""
+    benches = suite["benchmarks"]
+
+    def frozen_mean(payload: dict[str, Any]) -> float:
+        return float(payload["summary"]["frozen"]["mean"]["mean"])
+
+    floor = frozen_mean(benches[1]) if len(benches) > 1 else None
+    return [
+        SuiteScore(
+            "ct_segmentation_frozen_dice",
+            "CT segmentation: frozen decoder, mean Dice on another CT",
+            "Dice",
+            frozen_mean(benches[0]),
+            floor,
+        )
+    ]
+
+
+def scores_from_pairs(metrics: dict[str, float], labels: dict[str, str]) -> list[SuiteScore]:
+    """Scores from a benchmark's ``summary_metrics``: ``KEY`` and ``KEY_floor`` entries.
+
+    Args:
+        metrics: ``{"KEY": value, "KEY_floor": floor value, ...}``.
+        labels: ``{"KEY": "what it measures"}``; keys without a label are left out.
+    """
+    out = []
+    for key, label in labels.items():
+        if key not in metrics or not math.isfinite(metrics[key]):
+            continue
+        metric = "AUC" if key.endswith("auc") else "Dice"
+        floor = metrics.get(f"{key}_floor")
+        out.append(SuiteScore(key, label, metric, float(metrics[key]), floor))
+    return out
+
+
+# ------------------------------------------------------------------------------ the suite
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    """How much of each task to run.
+
+    Attributes:
+        quick: Each task's quick mode.
+        seg_steps: Steps of the CT segmentation decoder.
+        seg_seeds: Its seeds.
+        medmnist: ``(flag, size)`` of the linear-probe tasks.
+    """
+
+    quick: bool = False
+    seg_steps: int = 300
+    seg_seeds: tuple[int, ...] = (0, 1)
+    medmnist: tuple[tuple[str, int], ...] = (
+        ("adrenalmnist3d", 28),
+        ("breastmnist", 28),
+        ("retinamnist", 28),
+    )
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> SuitePlan:
+        return cls(quick=True, seg_steps=150, seg_seeds=(0,)) if quick else cls()
+
+
+def run_suite(
+    encoder_spec: str,
+    data_root: Path | None = None,
+    *,
+    plan: SuitePlan | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Every task of the suite for one encoder; returns the payload with its scores.
+
+    Args:
+        encoder_spec: Exported checkpoint folder (``random:ARCH[:SEED]`` for a floor alone).
+        data_root: The data root (default: :func:`omnienc.data.root.resolve_data_root`).
+        plan: What to run (default: the full suite).
+        cache_dir: Feature cache of the MedMNIST probes.
+        progress: Progress bars.
+        log: One line per finished task.
+    """
+    from omnienc.benchmarks import brats_classify, brats_labeleff, fewshot
+    from omnienc.benchmarks.classification import run_classification
+    from omnienc.benchmarks.segmentation import run_segmentation_suite
+    from omnienc.data.root import resolve_data_root
+
+    plan = plan or SuitePlan()
+    root = resolve_data_root(data_root)
+    start = time.perf_counter()
+    scores: list[SuiteScore] = []
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, job: Callable[[], list[SuiteScore]]) -> None:
+        t0 = time.perf_counter()
+        new = job()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        scores.extend(new)
+        for s in new:
+            log(f"summary | {encoder_spec} | {s.task}: {s.value:.3f} (floor {s.floor})")
+
+    for flag, size in plan.medmnist:
+        timed(
+            f"{flag}_{size}",
+            lambda flag=flag, size=size: scores_from_classification(  # type: ignore[misc]
+                run_classification(
+                    flag,
+                    size,
+                    encoder_spec,
+                    medmnist_root=root / "medmnist",
+                    fractions=(1.0,),
+                    methods=("linear",),
+                    cache_dir=cache_dir,
+                    progress=progress,
+                    log=lambda _line: None,
+                )
+            ),
+        )
+    timed(
+        "ct_segmentation",
+        lambda: scores_from_segmentation(
+            run_segmentation_suite(
+                encoder_spec,
+                seeds=plan.seg_seeds,
+                steps=plan.seg_steps,
+                fine_tune=False,
+                data_root=root,
+                progress=progress,
+                log=lambda _line: None,
+            )
+        ),
+    )
+    timed(
+        "fewshot",
+        lambda: fewshot_scores(
+            fewshot.run_fewshot(encoder_spec, root, quick=plan.quick, progress=progress)
+        ),
+    )
+    timed(
+        "brats_classify",
+        lambda: brats_classify_scores(
+            brats_classify.run_brats_classification(
+                encoder_spec, root, quick=plan.quick, progress=progress
+            )
+        ),
+    )
+    timed(
+        "brats_labeleff",
+        lambda: brats_labeleff_scores(
+            brats_labeleff.run_brats_label_efficiency(
+                encoder_spec,
+                root,
+                quick=True,  # the frozen decoders; the end-to-end rows are bench all's
+                progress=progress,
+            )
+        ),
+    )
+    return {
+        "encoder": encoder_spec,
+        "plan": asdict(plan),
+        "scores": [asdict(s) for s in scores],
+        "mean_normalised_gain": mean_normalised_gain(scores),
+        "seconds": seconds,
+        "total_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def fewshot_scores(payload: dict[str, Any]) -> list[SuiteScore]:
+    """Suite scores of a few-shot payload (see :func:`.fewshot.summary_metrics`)."""
+    from omnienc.benchmarks.fewshot import summary_metrics
+
+    return scores_from_pairs(summary_metrics(payload), FEWSHOT_LABELS)
+
+
+def brats_classify_scores(payload: dict[str, Any]) -> list[SuiteScore]:
+    """Suite scores of a BraTS classification payload."""
+    from omnienc.benchmarks.brats_classify import summary_metrics
+
+    return scores_from_pairs(summary_metrics(payload), BRATS_CLASSIFY_LABELS)
+
+
+def brats_labeleff_scores(payload: dict[str, Any]) -> list[SuiteScore]:
+    """Suite scores of a BraTS label-efficiency payload."""
+    from omnienc.benchmarks.brats_labeleff import summary_metrics
+
+    return scores_from_pairs(summary_metrics(payload), BRATS_LABELEFF_LABELS)
+
+
+# Filled in from each benchmark's summary_metrics keys.
+FEWSHOT_LABELS: dict[str, str] = {}
+BRATS_CLASSIFY_LABELS: dict[str, str] = {}
+BRATS_LABELEFF_LABELS: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------- across encoders
+
+
+def scores_of(payload: dict[str, Any]) -> list[SuiteScore]:
+    """The :class:`SuiteScore` list of a :func:`run_suite` payload."""
+    return [SuiteScore(**s) for s in payload["scores"]]
+
+
+def aggregate(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and SD across encoders (e.g. pretraining seeds of one recipe) of every score.
+
+    Returns:
+        ``{"n", "tasks": {task: {"mean", "sd", "min", "max", "floor"}}, "summary": {"mean",
+        "sd"}, "callable_1v1", "callable_3v3"}``: SDs are sample SDs (ddof 1), and the two
+        callable differences apply :func:`callable_difference` to the summary's SD.
+    """
+    tasks: dict[str, list[float]] = {}
+    floors: dict[str, float | None] = {}
+    for payload in payloads:
+        for s in scores_of(payload):
+            tasks.setdefault(s.task, []).append(s.value)
+            floors[s.task] = s.floor
+    summary = [float(p["mean_normalised_gain"]) for p in payloads]
+    ddof = 1 if len(payloads) > 1 else 0
+    sd = float(np.std(summary, ddof=ddof))
+    return {
+        "n": len(payloads),
+        "tasks": {
+            t: {
+                "mean": float(np.mean(v)),
+                "sd": float(np.std(v, ddof=ddof)) if len(v) > 1 else float("nan"),
+                "min": float(np.min(v)),
+                "max": float(np.max(v)),
+                "floor": floors[t],
+            }
+            for t, v in tasks.items()
+        },
+        "summary": {"mean": float(np.mean(summary)), "sd": sd},
+        "callable_1v1": callable_difference(sd, 1, 1),
+        "callable_3v3": callable_difference(sd, 3, 3),
+    }
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def format_summary_markdown(payloads: Sequence[dict[str, Any]], command: str) -> str:
+    """One table per encoder, then (for several) the spread across them and the noise rule."""
+    lines = ["# Evaluation suite summary", "", f"Command: `{command}`", ""]
+    for payload in payloads:
+        minutes = payload["total_seconds"] / 60
+        mode = "quick" if payload["plan"]["quick"] else "full"
+        lines += [
+            f"## `{payload['encoder']}` ({mode} suite, {minutes:.1f} min)",
+            "",
+            "| task | metric | encoder | random-init floor | gain | normalised gain |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for s in scores_of(payload):
+            lines.append(
+                f"| {s.label} | {s.metric} | {s.value:.3f} | {_f(s.floor)} | {_f(s.gain)} | "
+                f"{_f(s.normalised_gain)} |"
+            )
+        lines += [
+            f"| **mean normalised gain** | | | | | **{_f(payload['mean_normalised_gain'])}** |",
+            "",
+        ]
+    if len(payloads) > 1:
+        agg = aggregate(payloads)
+        lines += [
+            f"## Across the {agg['n']} encoders (mean ± sample SD)",
+            "",
+            "| task | mean ± SD | min .. max | floor |",
+            "|---|---:|---:|---:|",
+        ]
+        for task, t in agg["tasks"].items():
+            lines.append(
+                f"| {task} | {t['mean']:.3f} ± {_f(t['sd'])} | {t['min']:.3f} .. "
+                f"{t['max']:.3f} | {_f(t['floor'])} |"
+            )
+        s = agg["summary"]
+        lines += [
+            f"| **mean normalised gain** | **{s['mean']:.3f} ± {s['sd']:.3f}** | | |",
+            "",
+            f"Noise rule: with this SD of the mean normalised gain across pretraining seeds, two "
+            f"recipes differ beyond seed noise (95%, two-sided) when their summaries differ by "
+            f"more than **{agg['callable_1v1']:.3f}** with one seed each, or "
+            f"**{agg['callable_3v3']:.3f}** with the mean of three seeds each "
+            f"(`omnienc.benchmarks.summary.callable_difference`).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_summary(payloads: Sequence[dict[str, Any]], out: Path, command: str) -> tuple[Path, Path]:
+    """Write ``out.json`` (payloads, aggregate, command) and ``out.md``; atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"command": command, "encoders": list(payloads)}
+    if len(payloads) > 1:
+        body["aggregate"] = aggregate(payloads)
+    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
+    write_bytes_atomic(json_path, json.dumps(body, indent=2).encode())
+    write_bytes_atomic(md_path, format_summary_markdown(payloads, command).encode())
+    return json_path, md_path

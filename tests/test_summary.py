@@ -1,0 +1,110 @@
+"""The suite summary: normalised gains, aggregation across seeds, the noise rule, the tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from omnienc.benchmarks.summary import (
+    SuiteScore,
+    aggregate,
+    callable_difference,
+    format_summary_markdown,
+    mean_normalised_gain,
+    scores_from_classification,
+    scores_from_pairs,
+    scores_from_segmentation,
+    write_summary,
+)
+
+
+def test_normalised_gain_analytic_cases() -> None:
+    assert SuiteScore("t", "t", "AUC", 0.8, 0.6).normalised_gain == pytest.approx(0.5)
+    assert SuiteScore("t", "t", "Dice", 0.0, 0.0).normalised_gain == 0.0
+    assert SuiteScore("t", "t", "AUC", 0.5, 0.6).normalised_gain == pytest.approx(-0.25)
+    assert SuiteScore("t", "t", "AUC", 0.7, None).normalised_gain is None
+    assert SuiteScore("t", "t", "AUC", 0.9, 1.0).normalised_gain is None
+    assert SuiteScore("t", "t", "AUC", 0.8, 0.6).gain == pytest.approx(0.2)
+
+
+def test_mean_normalised_gain_skips_tasks_without_floor() -> None:
+    scores = [
+        SuiteScore("a", "a", "AUC", 0.8, 0.6),  # 0.5
+        SuiteScore("b", "b", "Dice", 0.3, 0.0),  # 0.3
+        SuiteScore("c", "c", "AUC", 0.9, None),
+    ]
+    assert mean_normalised_gain(scores) == pytest.approx(0.4)
+    assert math.isnan(mean_normalised_gain([SuiteScore("c", "c", "AUC", 0.9, None)]))
+
+
+def test_callable_difference_matches_the_formula() -> None:
+    assert callable_difference(0.01) == pytest.approx(1.96 * 0.01 * math.sqrt(2))
+    assert callable_difference(0.01, 3, 3) == pytest.approx(1.96 * 0.01 * math.sqrt(2 / 3))
+    assert callable_difference(0.0) == 0.0
+
+
+def _payload(encoder: str, values: tuple[float, float]) -> dict:
+    scores = [
+        SuiteScore("a", "task a", "AUC", values[0], 0.5),
+        SuiteScore("b", "task b", "Dice", values[1], 0.0),
+    ]
+    from dataclasses import asdict
+
+    return {
+        "encoder": encoder,
+        "plan": {"quick": True},
+        "scores": [asdict(s) for s in scores],
+        "mean_normalised_gain": mean_normalised_gain(scores),
+        "seconds": {},
+        "total_seconds": 60.0,
+    }
+
+
+def test_aggregate_against_numpy() -> None:
+    payloads = [_payload(f"s{i}", (0.7 + 0.01 * i, 0.2 + 0.02 * i)) for i in range(3)]
+    agg = aggregate(payloads)
+    assert agg["n"] == 3
+    assert agg["tasks"]["a"]["mean"] == pytest.approx(0.71)
+    assert agg["tasks"]["b"]["sd"] == pytest.approx(np.std([0.2, 0.22, 0.24], ddof=1))
+    summaries = [p["mean_normalised_gain"] for p in payloads]
+    assert agg["summary"]["sd"] == pytest.approx(np.std(summaries, ddof=1))
+    assert agg["callable_1v1"] == pytest.approx(callable_difference(agg["summary"]["sd"]))
+
+
+def test_markdown_and_files(tmp_path) -> None:
+    payloads = [_payload("s0", (0.7, 0.2)), _payload("s1", (0.72, 0.25))]
+    md = format_summary_markdown(payloads, "omnienc bench summary --quick")
+    assert md.count("## `s") == 2
+    assert "Noise rule" in md and "mean normalised gain" in md
+    json_path, md_path = write_summary(payloads, tmp_path / "summary", "cmd")
+    body = json.loads(json_path.read_text())
+    assert body["command"] == "cmd" and len(body["encoders"]) == 2 and "aggregate" in body
+    assert md_path.read_text().startswith("# Evaluation suite summary")
+
+
+def test_scores_from_classification_and_segmentation_payloads() -> None:
+    row = {"method": "linear", "fraction": 1.0, "metrics": {"auc": 0.8}}
+    payload = {
+        "dataset": "adrenalmnist3d",
+        "size": 28,
+        "rows": [
+            {**row, "encoder": "pretrained"},
+            {**row, "encoder": "random-init", "metrics": {"auc": 0.7}},
+            {**row, "encoder": "pretrained", "fraction": 0.1, "metrics": {"auc": 0.1}},
+        ],
+    }
+    (s,) = scores_from_classification(payload)
+    assert (s.task, s.value, s.floor) == ("adrenalmnist3d_28_linear_auc", 0.8, 0.7)
+    seg = {
+        "benchmarks": [
+            {"summary": {"frozen": {"mean": {"mean": 0.2}}}},
+            {"summary": {"frozen": {"mean": {"mean": 0.0}}}},
+        ]
+    }
+    (d,) = scores_from_segmentation(seg)
+    assert (d.value, d.floor) == (0.2, 0.0)
+    pairs = scores_from_pairs({"x_dice": 0.4, "x_dice_floor": 0.1, "y_auc": 0.9}, {"x_dice": "x"})
+    assert [(p.task, p.metric, p.floor) for p in pairs] == [("x_dice", "Dice", 0.1)]
