@@ -8,10 +8,13 @@ The two baselines of the benchmark that train the encoder itself (the probes in
 * **fine-tuning**: the same, starting from the pretrained encoder (``encoder_lr_scale`` < 1 keeps
   its weights closer to where pretraining left them).
 
-Both run a fixed budget of optimizer steps (``FinetuneConfig.steps``, so that the budget is
-stated and equal for both), with random flips as augmentation, AdamW with warm-up and cosine
-decay, and pick the step with the best validation AUC (evaluated every ``eval_every`` steps); the
-test split is scored once, with that state, by the probes' metrics and bootstrap intervals.
+The loss is cross-entropy over the ``C`` classes of single-label targets (binary, multi-class
+and ordinal sets alike: RetinaMNIST's grades are scored as multi-class, as MedMNIST's evaluator
+does) and binary cross-entropy per label for multi-label targets. Both run a fixed budget of
+optimizer steps (``FinetuneConfig.steps``, so that the budget is stated and equal for both),
+with random flips as augmentation, AdamW with warm-up and cosine decay, and pick the step with
+the best validation AUC (evaluated every ``eval_every`` steps); the test split is scored once,
+with that state, by the probes' metrics and bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from omnienc.adapters.metrics import (
     as_targets,
     bootstrap_intervals,
     classification_metrics,
+    task_of,
 )
 from omnienc.config import JsonConfig
 from omnienc.embed import pad_to_stride
@@ -276,6 +280,8 @@ def train_classifier(
             "history": module.history,
         },
         n={"train": len(train), "val": len(val), "test": len(test)},  # type: ignore[arg-type]
+        task=task_of(y, classes),
+        test_proba=proba,
     )
 
 

@@ -1,10 +1,18 @@
 """Labels, splits and metrics shared by every probe and end-to-end baseline.
 
-Targets follow from the label shape (:func:`as_targets`): ``(N,)``/``(N, 1)`` single-label
-(binary or multi-class, one-vs-rest macro AUC) or ``(N, L)`` multi-label indicators (mean
-per-label AUC; ACC at threshold 0.5, the MedMNIST evaluator's convention). Test metrics carry
-bootstrap 95% intervals (:func:`bootstrap_intervals`); hyper-parameters are picked on the
-validation split (:func:`best_on_val`, AUC, or ACC where the AUC is undefined).
+The task follows from the targets (:func:`task_of`):
+
+* ``binary``: ``(N,)``/``(N, 1)`` labels of two classes; AUC of the second class's probability.
+* ``multi-class``: ``(N,)``/``(N, 1)`` labels of ``C > 2`` classes (MedMNIST's ``multi-class`` and
+  ``ordinal-regression`` sets, e.g. RetinaMNIST's five grades); AUC is the macro mean of the ``C``
+  one-vs-rest AUCs, ACC that of the argmax class. This is what ``medmnist.evaluator``'s
+  ``getAUC`` / ``getACC`` compute for both task names (https://arxiv.org/abs/2110.14795); the AUC
+  is NaN when the evaluated labels miss a class, as the evaluator's is.
+* ``multi-label``: ``(N, L)`` 0/1 indicators; mean per-label AUC, ACC at threshold 0.5 (the
+  evaluator's convention).
+
+Test metrics carry bootstrap 95% intervals (:func:`bootstrap_intervals`); hyper-parameters are
+picked on the validation split (:func:`best_on_val`, AUC, or ACC where the AUC is undefined).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from scipy.stats import rankdata
@@ -21,6 +29,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 MULTILABEL_THRESHOLD = 0.5
 
 Split = tuple[np.ndarray, np.ndarray]
+Task = Literal["binary", "multi-class", "multi-label"]
 P = TypeVar("P")
 M = TypeVar("M")
 
@@ -39,6 +48,11 @@ class ProbeResult:
         n: Sizes of the train / val / test splits.
         seed_metrics: Per-seed test metrics of a trained head (empty for linear and kNN).
         spread: Standard deviation over seeds of each metric (empty for linear and kNN).
+        task: ``binary``, ``multi-class`` or ``multi-label`` (:func:`task_of`); empty where the
+            maker of the result did not say.
+        test_proba: The ``(N_test, C)`` (multi-label: ``(N_test, L)``) test probabilities the
+            intervals were computed from (for a trained head: the seed average), columns
+            ordered as the sorted training classes; e.g. for ``medmnist.evaluator``.
     """
 
     metrics: dict[str, float]
@@ -47,6 +61,8 @@ class ProbeResult:
     n: dict[str, int] = field(default_factory=dict)
     seed_metrics: list[dict[str, float]] = field(default_factory=list)
     spread: dict[str, float] = field(default_factory=dict)
+    task: str = ""
+    test_proba: np.ndarray | None = field(default=None, repr=False)
 
 
 # ---------------------------------------------------------------------------- labels and splits
@@ -134,13 +150,30 @@ def split_sizes(splits: Sequence[Split]) -> dict[str, int]:
     return {name: len(y) for name, (_, y) in zip(("train", "val", "test"), splits, strict=True)}
 
 
+def task_of(y: np.ndarray, classes: np.ndarray) -> Task:
+    """The task of targets ``y`` over ``classes``, as :func:`classification_metrics` scores it.
+
+    Args:
+        y: ``(N,)`` / ``(N, 1)`` single-label or ``(N, L > 1)`` multi-label targets.
+        classes: ``(C,)`` class values (``(L,)`` label indices for multi-label targets).
+
+    Returns:
+        ``multi-label`` for ``(N, L > 1)`` targets, else ``binary`` for two classes and
+        ``multi-class`` for more.
+    """
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        return "multi-label"
+    return "binary" if len(classes) <= 2 else "multi-class"
+
+
 # ------------------------------------------------------------------------------------- metrics
 
 
 def classification_metrics(
     y: np.ndarray, proba: np.ndarray, classes: np.ndarray
 ) -> dict[str, float]:
-    """ACC, AUC, macro-F1 and balanced accuracy.
+    """ACC, AUC, macro-F1 and balanced accuracy, by the task of the targets (:func:`task_of`).
 
     Args:
         y: ``(N,)`` true labels, or ``(N, L)`` 0/1 multi-label targets.
@@ -149,13 +182,17 @@ def classification_metrics(
         classes: ``(C,)`` the class values; ``(L,)`` label indices for multi-label targets.
 
     Returns:
-        The four metrics; AUC is NaN when ``y`` holds a single class (for every label).
+        The four metrics. AUC is NaN when ``y`` holds a single class (for every label), and for
+        a multi-class task when ``y`` misses any class of ``classes``.
     """
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.ndim == 2:
+    task = task_of(y, classes)
+    if task == "multi-label":
         return _multilabel_metrics(y, np.asarray(proba))
+    if task == "multi-class":
+        return _multiclass_metrics(y, np.asarray(proba), np.asarray(classes))
     pred = classes[np.argmax(proba, axis=1)]
     out = {
         "acc": float(accuracy_score(y, pred)),
@@ -163,22 +200,67 @@ def classification_metrics(
         "balanced_acc": float(balanced_accuracy_score(y, pred)),
     }
     present = np.unique(y)
-    if len(present) < 2:
+    if len(present) < 2 or len(classes) < 2:
         out["auc"] = float("nan")
-    elif len(classes) == 2:
-        out["auc"] = float(roc_auc_score(y, proba[:, 1]))
     else:
-        out["auc"] = float(
-            roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=classes)
-        )
+        out["auc"] = float(roc_auc_score(y, proba[:, 1]))
     return out
+
+
+def _rank_auc(pos: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``(K,)`` AUC of each column of ``scores`` ``(N, K)`` for the 0/1 targets ``pos``.
+
+    The Mann-Whitney statistic on average ranks, which equals ``roc_auc_score`` (ties count one
+    half); NaN or infinite where a column has no positives or no negatives (call under
+    ``np.errstate``).
+    """
+    n_pos = pos.sum(0)
+    n_neg = len(pos) - n_pos
+    ranks = rankdata(scores, axis=0)
+    return ((ranks * pos).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _multiclass_metrics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Metrics of ``(N,)`` labels over ``C > 2`` classes and ``(N, C)`` probabilities.
+
+    Equal to ``medmnist.evaluator.getAUC`` / ``getACC`` (task ``multi-class`` or
+    ``ordinal-regression``) when ``classes`` is ``0..C-1``: AUC the mean over all ``C`` columns
+    of the one-vs-rest AUC (NaN if ``y`` misses a class), ACC that of the argmax. F1 is macro
+    over ``classes`` (0 for a class never true nor predicted), balanced accuracy the mean recall
+    of the classes present in ``y``; both as scikit-learn computes them. Vectorised, for the
+    bootstrap.
+    """
+    if proba.shape != (len(y), len(classes)):
+        raise ValueError(
+            f"multi-class proba must be (N, C) = ({len(y)}, {len(classes)}), got {proba.shape}"
+        )
+    col = np.searchsorted(classes, y)  # (N,) column of each label
+    if not np.array_equal(classes[np.minimum(col, len(classes) - 1)], y):
+        raise ValueError(
+            f"labels {np.setdiff1d(y, classes).tolist()} are not in {classes.tolist()}"
+        )
+    cols = np.arange(len(classes))
+    true = col[:, None] == cols  # (N, C) one-hot of the label
+    pred = np.argmax(proba, axis=1)[:, None] == cols  # (N, C) one-hot of the argmax
+    tp = (true & pred).sum(0)
+    n_true, n_pred = true.sum(0), pred.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = _rank_auc(true, proba)
+        recall = tp[n_true > 0] / n_true[n_true > 0]
+        f1 = np.where(n_true + n_pred > 0, 2 * tp / np.maximum(n_true + n_pred, 1), 0.0)
+    return {
+        "acc": float(tp.sum() / len(y)),
+        "f1": float(f1.mean()),
+        "balanced_acc": float(recall.mean()),
+        "auc": float(auc.mean()) if ((n_true > 0) & (n_true < len(y))).all() else float("nan"),
+    }
 
 
 def _multilabel_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """Per-label metrics of ``(N, L)`` targets, averaged over labels (vectorised for the bootstrap).
 
-    The AUC is the Mann-Whitney statistic on average ranks, which equals ``roc_auc_score``
-    (ties count one half).
+    The AUC is :func:`_rank_auc`'s; a label with no positives or no negatives is left out of
+    its mean.
     """
     if proba.shape != y.shape:
         raise ValueError(
@@ -192,8 +274,7 @@ def _multilabel_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     tn = n_neg - fp
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-NaN columns
-        ranks = rankdata(proba, axis=0)
-        auc = ((ranks * pos).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        auc = _rank_auc(pos, proba)
         recalls = np.stack([tp / n_pos, tn / n_neg])  # (2, L); NaN where a value is absent
         denom = 2 * tp + fp + (n_pos - tp)
         f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
@@ -274,4 +355,6 @@ def test_result(
         intervals=bootstrap_intervals(yte, proba, classes, n_boot=n_boot, seed=seed),
         params=params,
         n=split_sizes(splits),
+        task=task_of(yte, classes),
+        test_proba=proba,
     )

@@ -4,11 +4,13 @@ Every probe takes ``(features, labels)`` for the train, val and test splits, pic
 on the validation split (AUC, or ACC where the validation AUC is undefined), and reports ACC,
 AUC, macro-F1 and balanced accuracy on the test split, each with a bootstrap 95% interval.
 
-The task follows from the label shape:
+The task follows from the labels (:func:`~omnienc.adapters.metrics.task_of`):
 
 * ``(N,)`` or ``(N, 1)``: single-label. Two classes are binary (AUC of the second class's
-  probability); more are multi-class (one-vs-rest macro AUC). Ordinal labels are treated as
-  multi-class.
+  probability); more are multi-class: AUC the macro mean of the one-vs-rest AUCs, ACC that of
+  the argmax class, exactly as ``medmnist.evaluator`` scores its ``multi-class`` and
+  ``ordinal-regression`` sets. Ordinal labels (RetinaMNIST's five grades) are treated as
+  multi-class, as the evaluator does.
 * ``(N, L)`` with ``L > 1``: multi-label binary indicators (ChestMNIST). Probabilities are one
   independent column per label; AUC is the mean of the per-label AUCs, ACC the mean per-label
   accuracy at threshold 0.5 (``proba > 0.5``, the convention of MedMNIST's evaluator,
@@ -18,8 +20,8 @@ The task follows from the label shape:
 
 Probes:
 
-* :func:`linear_probe`: logistic regression on standardised features (one-vs-rest for
-  multi-label), ``C`` from a grid.
+* :func:`linear_probe`: logistic regression on standardised features (multinomial for
+  multi-class, one binary regression per label for multi-label), ``C`` from a grid.
 * :func:`knn_probe`: cosine kNN, ``k`` from a grid. Features are centred on the training mean and
   L2-normalised first (SimpleShot's "CL2N", https://arxiv.org/abs/1911.04623): frozen features of
   a ReLU-family encoder share a large common component that otherwise dominates every cosine.
@@ -59,6 +61,7 @@ from omnienc.adapters.metrics import (
     bootstrap_intervals,
     check_splits,
     classification_metrics,
+    task_of,
     test_result,
 )
 
@@ -80,6 +83,7 @@ __all__ = [
     "knn_probe",
     "linear_probe",
     "run_linear_probe",
+    "task_of",
     "train_head_probe",
 ]
 
@@ -96,8 +100,9 @@ def linear_probe(
 ) -> ProbeResult:
     """Logistic regression on standardised frozen features, ``C`` chosen on validation AUC.
 
-    Multi-label targets get one binary logistic regression per label (one-vs-rest), all with the
-    same ``C``.
+    More than two classes get one multinomial (softmax) regression, scikit-learn's default for
+    the lbfgs solver; multi-label targets get one binary logistic regression per label
+    (one-vs-rest), all with the same ``C``.
 
     Args:
         train: ``(features (N, E), labels (N,), (N, 1) or (N, L))``; likewise ``val`` and

@@ -322,6 +322,7 @@ def run_classification(
         "dataset": flag,
         "size": size,
         "task": splits["train"].task,
+        "n_classes": splits["train"].n_classes,
         "encoder": {
             "source": under_test.source,
             "checkpoint": under_test.checkpoint,
@@ -371,6 +372,14 @@ def _budget_text(payload: dict[str, Any]) -> str:
     return text
 
 
+def _task_text(payload: dict[str, Any]) -> str:
+    """The INFO task, and how a set of more than two classes is scored."""
+    task, n_classes = payload["task"], payload.get("n_classes", 2)
+    if task.startswith("multi-label") or n_classes <= 2:
+        return task
+    return f"{task}, {n_classes} classes, scored as multi-class: macro one-vs-rest AUC, argmax ACC"
+
+
 def _fmt(row: dict[str, Any] | None, metric: str = "auc") -> str:
     if row is None:
         return "–"
@@ -416,7 +425,7 @@ def format_markdown(
         ft = p["finetune"]
         lines += [
             "",
-            f"## {p['dataset']} {p['size']} ({p['task']}; train/val/test "
+            f"## {p['dataset']} {p['size']} ({_task_text(p)}; train/val/test "
             f"{p['n']['train']}/{p['n']['val']}/{p['n']['test']})",
             "",
             f"Encoder: `{p['encoder']['source']}` ({p['encoder']['arch']}, "

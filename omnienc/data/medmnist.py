@@ -4,7 +4,10 @@ The ``.npz`` files are opened through the medmnist package (its ``INFO`` dict an
 classes, https://arxiv.org/abs/2110.14795), so file names, keys and download URLs stay the
 package's. Only its ``imgs`` / ``labels`` arrays are used: the PIL transform path is skipped.
 3D sets give ``(1, S, S, S)`` volumes; 2D sets are lifted to ``(1, 16, S, S)`` by
-:func:`omnienc.lifting.lift_2d` (RGB to luminance first).
+:func:`omnienc.lifting.lift_2d` (RGB sets such as RetinaMNIST to luminance first). Images and
+labels are checked against the set's INFO entry (:func:`check_labels`): RGB images in a grey set
+(or the reverse), labels of another shape, or class indices outside ``0..C-1`` are a
+:class:`~omnienc.errors.DataError` that names the file.
 
 The medmnist package is imported lazily: its ``__init__`` pulls in pandas and scikit-learn
 (about 1.4 s), and its ``info`` module creates ``~/.medmnist`` on import.
@@ -119,6 +122,67 @@ def check_images(imgs: np.ndarray, item_shape: tuple[int, ...], path: Path) -> N
         )
 
 
+def _check_colour(imgs: np.ndarray, rgb: bool, flag: str, split: str, path: Path) -> None:
+    """Raise DataError when a 2D split holds RGB images where the set is grey, or the reverse."""
+    has_rgb, has_grey = imgs.ndim == 4 and imgs.shape[-1] == 3, imgs.ndim == 3
+    if (has_rgb and not rgb) or (has_grey and rgb):  # other shapes: check_images says so
+        found, wanted = ("RGB", "greyscale") if has_rgb else ("greyscale", "RGB")
+        shape = "(N, S, S, 3)" if rgb else "(N, S, S)"
+        raise DataError(
+            path,
+            f"the {split} split holds {found} images {imgs.shape}, but {flag} is {wanted} "
+            f"(medmnist INFO n_channels): expected {shape}; is this the right file?",
+        )
+
+
+def check_labels(
+    labels: np.ndarray, task: str, n_classes: int, n_images: int, split: str, path: Path
+) -> np.ndarray:
+    """Validate one split's labels against the set's INFO task and class count.
+
+    Args:
+        labels: The file's labels: ``(N, 1)`` (or ``(N,)``) class indices, ``(N, C)`` 0/1
+            indicators for ``multi-label`` tasks.
+        task: INFO task, e.g. ``binary-class``, ``multi-class``, ``ordinal-regression``.
+        n_classes: Entries of INFO's label dict (``C``).
+        n_images: Images in the split (``N``).
+        split: Split name, for the message.
+        path: The ``.npz`` file, for the message.
+
+    Returns:
+        ``(N, 1)`` int64 class indices in ``0..C-1``, or ``(N, C)`` int64 0/1 indicators.
+
+    Raises:
+        DataError: The labels do not match the images in number, have another shape, are not
+            integers, or hold values outside ``0..C-1`` (``{0, 1}`` for multi-label sets).
+    """
+    multilabel = task.startswith("multi-label")
+    if labels.ndim == 1:
+        labels = labels[:, None]  # tolerate files saved as (N,)
+    width = n_classes if multilabel else 1
+    if labels.ndim != 2 or labels.shape[1] != width:
+        raise DataError(
+            path,
+            f"the {split} labels have shape {labels.shape}; a {task} set of {n_classes} classes "
+            f"needs (N, {width})",
+        )
+    if len(labels) != n_images:
+        raise DataError(path, f"{split}: {n_images} images but {len(labels)} labels")
+    if labels.dtype.kind not in "biu" and not (
+        labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels))
+    ):
+        raise DataError(path, f"the {split} labels must be integers, found {labels.dtype}")
+    high = 1 if multilabel else n_classes - 1
+    bad = np.unique(labels[(labels < 0) | (labels > high)])
+    if bad.size:
+        raise DataError(
+            path,
+            f"the {split} labels hold values {bad[:10].tolist()} outside 0..{high} "
+            f"({'0/1 indicators' if multilabel else f'{n_classes} classes'} of a {task} set)",
+        )
+    return labels.astype(np.int64)
+
+
 def image_to_volume(img: np.ndarray, is_3d: bool) -> torch.Tensor:
     """Turn one uint8 image into a float32 volume in ``[0, 1]``.
 
@@ -179,7 +243,8 @@ class MedMNIST(Dataset[dict[str, Any]]):
     with ``D = H = W = size`` for 3D sets and ``D = 16`` for 2D sets.
 
     Raises:
-        DataError: Unknown flag, or the file is missing or unreadable.
+        DataError: Unknown flag; the file is missing or unreadable; or its images or labels do
+            not match INFO (shape, colour, class indices outside ``0..C-1``).
         ValueError: Bad split or a size the flag does not come in.
     """
 
@@ -220,14 +285,14 @@ class MedMNIST(Dataset[dict[str, Any]]):
         rgb = info["n_channels"] == 3 and not self.is_3d
         item_shape = (size,) * 3 if self.is_3d else (size, size, 3) if rgb else (size, size)
         path = folder / file_name
+        if not self.is_3d:
+            _check_colour(imgs, rgb, flag, split, path)
         check_images(imgs, item_shape, path)
-        labels = labels.reshape(len(labels), -1)  # (N, k); tolerate files saved as (N,)
-        if len(labels) != len(imgs):
-            raise DataError(path, f"{split}: {len(imgs)} images but {len(labels)} labels")
+        labels = check_labels(labels, self.task, self.n_classes, len(imgs), split, path)
 
         rows = select_rows(indices, len(imgs))
         self._imgs = imgs[rows]
-        self.labels: np.ndarray = labels[rows].astype(np.int64)
+        self.labels: np.ndarray = labels[rows]
         self.ids = make_ids(flag, size, split, rows, len(imgs))
 
     def __len__(self) -> int:
