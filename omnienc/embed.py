@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from omnienc.atomic import atomic_target
@@ -37,6 +37,7 @@ from omnienc.data.medmnist import MedMNIST, parse_medmnist_spec
 from omnienc.encoders.base import Encoder
 from omnienc.io import read_volume
 from omnienc.preprocessing import Preprocessing
+from omnienc.shard import Shard
 from omnienc.transforms import preprocess_volume
 
 logger = logging.getLogger("omnienc")
@@ -178,11 +179,12 @@ def _volume_items(
     frame: int | None,
     cache_dir: Path | None,
     progress: bool,
+    shard: Shard | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     path = Path(spec)
     if path.is_dir():
         folder = VolumeFolder(
-            path, preprocessing, cache_dir=cache_dir, frame=frame, progress=progress
+            path, preprocessing, cache_dir=cache_dir, frame=frame, progress=progress, shard=shard
         )
         for i in range(len(folder)):
             item = folder[i]
@@ -206,6 +208,7 @@ def embed_inputs(
     download: bool = False,
     progress: bool = True,
     window: int | None = DEFAULT_WINDOW,
+    shard: Shard | None = None,
 ) -> Embeddings:
     """Compute pooled features of every input with a frozen encoder.
 
@@ -222,6 +225,10 @@ def embed_inputs(
         window: Volumes whose preprocessed grid is larger than this along an axis are encoded
             by sliding windows of this size (:func:`pooled_features`); ``None`` or ``0``
             encodes every volume in one piece.
+        shard: Embed only this shard (:mod:`omnienc.shard`) of every input: of each folder's
+            volumes (by path relative to the folder), of the volume files given directly (by
+            their path as given), and of each MedMNIST split (by index). The N shards' rows
+            together are the unsharded run's rows.
 
     Returns:
         The :class:`Embeddings`.
@@ -237,12 +244,18 @@ def embed_inputs(
     ids: list[str] = []
     sources: list[str] = []
     labels: list[np.ndarray | None] = []
+    files = [s for s in inputs if not s.startswith(MEDMNIST_PREFIX) and not Path(s).is_dir()]
+    kept_files = set(shard.select(files, key=str) if shard else files)
     for spec in inputs:
+        if spec in files and spec not in kept_files:
+            continue
         if spec.startswith(MEDMNIST_PREFIX):
             flag, size, split = parse_medmnist_spec(spec)
             if medmnist_root is None:
                 raise ValueError("a medmnist input needs medmnist_root")
-            ds = MedMNIST(flag, split, size=size, root=medmnist_root, download=download)
+            ds: Dataset = MedMNIST(flag, split, size=size, root=medmnist_root, download=download)
+            if shard is not None:
+                ds = Subset(ds, range(shard.index - 1, len(ds), shard.count))  # type: ignore[arg-type]
             loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
             for batch in tqdm(loader, desc=spec, disable=not progress, unit="batch"):
                 feats.append(pooled_features(encoder, batch["image"], window))
@@ -252,7 +265,7 @@ def embed_inputs(
         else:
             n0 = len(ids)
             for item_id, image in tqdm(
-                _volume_items(spec, preprocessing, frame, cache_dir, progress),
+                _volume_items(spec, preprocessing, frame, cache_dir, progress, shard),
                 desc=spec,
                 disable=not progress,
                 unit="vol",

@@ -8,8 +8,11 @@ voxel size in mm, and the modality.
 Formats:
     NIfTI (``.nii``, ``.nii.gz``), MGH/MGZ and ECAT (``.v``) through nibabel; MetaImage
     (``.mha``/``.mhd``), NRRD (``.nrrd``/``.nhdr``) through SimpleITK; a DICOM series folder, a
-    single or multi-frame DICOM file (``.dcm``, also gzipped ``.dcm.gz``) through SimpleITK/GDCM,
-    which also decodes JPEG 2000 pixel data.
+    multi-frame DICOM file (``.dcm``, also gzipped ``.dcm.gz``) through SimpleITK/GDCM, which
+    also decodes JPEG 2000 pixel data and applies every file's RescaleSlope/RescaleIntercept (a
+    series is read as float32, so that slices with fractional slopes are not truncated). A single
+    2D DICOM slice is not a volume: it is refused (:func:`omnienc.io_dicom.read_dicom_slice` reads
+    one). DICOM headers, units and slice geometry are in :mod:`omnienc.io_dicom`.
 
 Every problem raises :class:`~omnienc.errors.VolumeReadError`, whose message names the file and
 what is wrong with it.
@@ -22,9 +25,7 @@ import gzip
 import logging
 import os
 import re
-import shutil
 import stat
-import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,13 @@ from nibabel import orientations
 
 from omnienc.atomic import atomic_target
 from omnienc.errors import PathError, VolumeReadError
+from omnienc.io_dicom import (
+    DicomHeader,
+    check_slice_spacing,
+    header_from_itk,
+    plain_dicom,
+    single_slice_problem,
+)
 from omnienc.preprocessing import MODALITIES
 
 logger = logging.getLogger("omnienc")
@@ -74,15 +82,19 @@ _MAGIC = (
 # (1, 1, 1) -> identity: flips LPS (ITK's world) to RAS (nibabel's world).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-# BIDS-style and common name tokens that state the modality outright.
+# BIDS-style and common name tokens that state the modality outright (see infer_modality).
 _NAME_TOKENS = {
     "CT": ("ct",),
-    "PET": ("pet",),
+    "PET": ("pet", "transm"),
+    "SPECT": ("spect",),
     "MR": (
         "mr",
         "mri",
         "t1",
         "t1w",
+        "t1c",
+        "t1ce",
+        "t1gd",
         "t2",
         "t2w",
         "flair",
@@ -106,10 +118,13 @@ class Volume:
         array: ``(X, Y, Z)`` float32 voxels; axis 0 points Right, 1 Anterior, 2 Superior.
         affine: ``(4, 4)`` float64 voxel-to-world (RAS+, mm) matrix of ``array``.
         spacing: Voxel size in mm along the three array axes.
-        modality: ``"CT"``, ``"MR"``, ``"PET"`` or ``"unknown"``.
+        modality: ``"CT"``, ``"MR"``, ``"PET"``, ``"SPECT"`` or ``"unknown"``.
         modality_source: How the modality was found: ``given``, ``dicom``, ``format``,
             ``intensity``, ``filename`` or ``none``.
         source: The file or DICOM folder it was read from.
+        units: Units of the voxel values where the file states them (DICOM: the PET Units tag
+            such as ``BQML``, a Rescale Type, or ``HU`` for CT; see
+            :class:`omnienc.io_dicom.DicomHeader`), else ``None``.
     """
 
     array: np.ndarray
@@ -118,6 +133,7 @@ class Volume:
     modality: str
     modality_source: str
     source: Path
+    units: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -481,34 +497,6 @@ def _itk_message(exc: Exception) -> str:
     return re.sub(r"\s+", " ", useful[-1] if useful else str(exc))[:300]
 
 
-@contextmanager
-def _plain_dicom(path: Path) -> Iterator[Path]:
-    """Yield a readable path for ``path``; a ``.dcm.gz`` is decompressed to a temp file."""
-    if file_suffix(path) != ".dcm.gz":
-        yield path
-        return
-    fd, tmp = tempfile.mkstemp(suffix=".dcm")
-    try:
-        with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
-            shutil.copyfileobj(src, out)
-        yield Path(tmp)
-    except (OSError, EOFError) as exc:
-        raise VolumeReadError(path, f"truncated or corrupt gzip stream ({exc})") from exc
-    finally:
-        os.unlink(tmp)
-
-
-def _dicom_modality(reader: sitk.ImageFileReader | sitk.Image) -> str | None:
-    key = "0008|0060"
-    if reader.HasMetaDataKey(key):
-        value = reader.GetMetaData(key).strip().upper()
-        if value in ("CT", "MR"):
-            return value
-        if value in ("PT", "PET", "NM"):
-            return "PET"
-    return None
-
-
 _MET_BYTES = {
     "MET_CHAR": 1,
     "MET_UCHAR": 1,
@@ -570,14 +558,18 @@ def _check_metaimage(path: Path, max_voxels: int) -> None:
 
 def _read_sitk_file(
     path: Path, frame: int | None, max_voxels: int
-) -> tuple[np.ndarray, np.ndarray, str | None]:
+) -> tuple[np.ndarray, np.ndarray, DicomHeader | None]:
+    """Read a SimpleITK-format file; for DICOM also its header, and refuse a single 2D slice."""
     if file_suffix(path) == ".mha":
         _check_metaimage(path, max_voxels)
-    with _plain_dicom(path) as readable:
+    is_dicom = file_suffix(path) in DICOM_SUFFIXES
+    with plain_dicom(path) as readable:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(readable))
         _sitk_size_check(reader, path, max_voxels)
-        modality = _dicom_modality(reader) if file_suffix(path) in DICOM_SUFFIXES else None
+        header = header_from_itk(reader, path) if is_dicom else None
+        if is_dicom:
+            reader.SetOutputPixelType(sitk.sitkFloat32)  # rescaled values, not truncated
         try:
             image = reader.Execute()
         except RuntimeError as exc:
@@ -585,7 +577,10 @@ def _read_sitk_file(
                 path, f"truncated or corrupt voxel data ({_itk_message(exc)})"
             ) from exc
     array, affine = _sitk_to_ras_arrays(image, path)
-    return _select_3d(array, path, frame), affine, modality
+    # Checked after decoding, so that a damaged slice is reported as damaged first.
+    if header is not None and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1)):
+        raise VolumeReadError(path, single_slice_problem(header))
+    return _select_3d(array, path, frame), affine, header
 
 
 def list_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
@@ -598,7 +593,7 @@ def list_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
 
 def _read_dicom_folder(
     folder: Path, series_uid: str | None, frame: int | None, max_voxels: int
-) -> tuple[np.ndarray, np.ndarray, str | None]:
+) -> tuple[np.ndarray, np.ndarray, DicomHeader | None]:
     series = list_dicom_series(folder)
     if not series:
         others = sum(1 for p in folder.iterdir() if is_volume_path(p))
@@ -631,24 +626,37 @@ def _read_dicom_folder(
         raise VolumeReadError(Path(files[0]), f"unreadable DICOM ({_itk_message(exc)})") from exc
     w, h = first.GetSize()[:2]
     _check_size((w, h, len(files)), folder, max_voxels)
-    modality = _dicom_modality(first)
+    header = header_from_itk(first, files[0])
+    check_slice_spacing(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    # Every slice is rescaled with its own slope (PET); float32 keeps them all, where the first
+    # slice's pixel type (an integer one if its slope is 1) would truncate the others.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise VolumeReadError(folder, f"DICOM series unreadable ({_itk_message(exc)})") from exc
     array, affine = _sitk_to_ras_arrays(image, folder)
-    return _select_3d(array, folder, frame), affine, modality
+    return _select_3d(array, folder, frame), affine, header
 
 
 def infer_modality(array: np.ndarray, path: Path) -> tuple[str, str]:
     """Guess the modality of a non-DICOM volume from its name, then its intensities.
 
-    Rules, in order: a name token (BIDS suffixes such as ``T1w``, ``pet``, or ``ct``/``mr``
-    between separators) states it; a minimum at air in Hounsfield units (-900 or below, not
-    beyond -3100) together with a maximum above 200 is CT; otherwise ``unknown`` (raw MR and
-    PET intensities and rescaled CT look alike, so omnienc does not guess).
+    Rules, in order: a name token between separators states it; a minimum at air in Hounsfield
+    units (-900 or below, not beyond -3100) together with a maximum above 200 is CT; otherwise
+    ``unknown`` (raw MR and PET intensities and rescaled CT look alike, so omnienc does not
+    guess). The tokens, case-insensitive, checked in this order:
+
+    - CT: ``ct``.
+    - PET: ``pet``; ``transm`` (a PET transmission scan for attenuation correction, e.g. SPM's
+      ``Transm.nii`` template).
+    - SPECT: ``spect``.
+    - MR: ``mr``, ``mri``; ``t1``, ``t1w``, ``t2``, ``t2w``, ``pd``, ``pdw`` (BIDS anatomical
+      suffixes); ``t1c``, ``t1ce``, ``t1gd`` (contrast-enhanced T1 as BraTS names it:
+      ``T1c_subtrMeanDivStd``, ``t1ce``, ``T1Gd``); ``flair``; ``dwi``; ``bold``, ``func``,
+      ``epi`` (functional); ``asl``; ``mra``.
 
     Returns:
         ``(modality, source)``, source being ``filename``, ``intensity`` or ``none``.
@@ -675,8 +683,9 @@ def read_volume(
 
     Args:
         path: A volume file, or a folder holding one DICOM series.
-        modality: ``CT``, ``MR``, ``PET`` or ``unknown`` to state it; ``None`` infers it from the
-            DICOM Modality tag, the format (ECAT is PET), the file name, or the intensity range.
+        modality: ``CT``, ``MR``, ``PET``, ``SPECT`` or ``unknown`` to state it; ``None`` infers it
+            from the DICOM Modality tag (PT is PET, NM is SPECT), the format (ECAT is PET), the
+            file name (:func:`infer_modality`), or the intensity range.
         frame: Which frame of a 4D file to read. 4D files without it are an error.
         series_uid: Which series of a DICOM folder holding several.
         max_voxels: Largest voxel count a header may declare; checked before allocating.
@@ -687,15 +696,20 @@ def read_volume(
     Raises:
         VolumeReadError: Missing, empty, unreadable (permissions, symbolic link loops, dangling
             links), truncated or corrupt files (gzip CRC checked), misnamed or unsupported
-            formats, non-3D data, non-finite voxels, oversized headers, mixed DICOM series.
+            formats, non-3D data (a single 2D DICOM slice among them), non-finite voxels,
+            oversized headers, mixed DICOM series.
+
+    A DICOM series whose slices are not evenly spaced is read on a regular grid at the mean
+    gap, with a warning naming the folder and the gaps
+    (:func:`omnienc.io_dicom.check_slice_spacing`).
     """
     path = Path(path)
     if modality is not None and modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     check_readable(path)
-    dicom_modality: str | None = None
+    header: DicomHeader | None = None
     if path.is_dir():
-        array, affine, dicom_modality = _read_dicom_folder(path, series_uid, frame, max_voxels)
+        array, affine, header = _read_dicom_folder(path, series_uid, frame, max_voxels)
     else:
         suffix = file_suffix(path)
         if suffix not in SUPPORTED_SUFFIXES:
@@ -710,7 +724,7 @@ def read_volume(
         if suffix in NIBABEL_SUFFIXES:
             array, affine = _read_nibabel(path, frame, max_voxels)
         else:
-            array, affine, dicom_modality = _read_sitk_file(path, frame, max_voxels)
+            array, affine, header = _read_sitk_file(path, frame, max_voxels)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         rows = "; ".join(" ".join(f"{v:.4g}" for v in row) for row in affine)
         raise VolumeReadError(path, f"degenerate voxel-to-world affine [{rows}]")
@@ -720,8 +734,8 @@ def read_volume(
     array = np.ascontiguousarray(array)
     if modality is not None:
         source = "given"
-    elif dicom_modality is not None:
-        modality, source = dicom_modality, "dicom"
+    elif header is not None and header.volume_modality is not None:
+        modality, source = header.volume_modality, "dicom"
     elif not path.is_dir() and file_suffix(path) == ".v":
         modality, source = "PET", "format"
     else:
@@ -733,6 +747,7 @@ def read_volume(
         modality=modality,
         modality_source=source,
         source=path,
+        units=header.units if header is not None else None,
     )
 
 

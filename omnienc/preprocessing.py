@@ -13,8 +13,9 @@ from typing import Any
 
 from omnienc.config import JsonConfig
 
-# Modalities omnienc knows. ``unknown`` is normalised like MR (percentile clip + z-score).
-MODALITIES = ("CT", "MR", "PET", "unknown")
+# Modalities omnienc knows. PET, SPECT and ``unknown`` are normalised like MR (percentile clip +
+# foreground z-score); only CT has its own rule (the HU window).
+MODALITIES = ("CT", "MR", "PET", "SPECT", "unknown")
 
 
 def _floats(name: str, values: Any, n: int) -> tuple[float, ...]:
@@ -43,7 +44,7 @@ class Preprocessing(JsonConfig):
     Attributes:
         spacing: Target voxel size in mm (RAS axis order), or ``None`` to keep the native grid.
         ct_window: HU window ``(low, high)`` for CT; values are clipped to it and scaled to [0, 1].
-        percentiles: Lower and upper percentile for MR/PET/unknown: the volume is clipped to
+        percentiles: Lower and upper percentile for MR/PET/SPECT/unknown: the volume is clipped to
             them, then z-scored with the statistics of the foreground (voxels above the lower
             clip value).
         crop_foreground: Crop to the bounding box of the body (voxels above the background level)

@@ -6,8 +6,8 @@
 
 1. ``Orientationd`` to RAS (a no-op for volumes from :func:`omnienc.io.read_volume`);
 2. ``Spacingd`` to ``pre.spacing`` (bilinear for images, nearest for labels);
-3. :class:`ModalityNormalized`: CT is clipped to the HU window and scaled to [0, 1]; MR, PET and
-   unknown volumes are clipped to percentiles and z-scored with foreground statistics;
+3. :class:`ModalityNormalized`: CT is clipped to the HU window and scaled to [0, 1]; MR, PET,
+   SPECT and unknown volumes are clipped to percentiles and z-scored with foreground statistics;
 4. ``CropForegroundd`` to the body (see :func:`select_foreground`);
 5. a symmetric pad (images with their minimum, labels with 0) and centre crop to
    ``pre.spatial_size``.
@@ -42,10 +42,10 @@ from omnienc.preprocessing import Preprocessing
 class ModalityNormalize(Transform):
     """Per-modality intensity normalisation of one channel-first image.
 
-    CT: clip to ``ct_window`` (HU) and scale linearly to [0, 1]. MR, PET and unknown: clip to the
-    ``percentiles`` of the volume, then z-score with the mean and standard deviation of the
-    foreground (voxels above the lower clip value; all voxels if fewer than 1% are). A constant
-    volume becomes all zeros.
+    CT: clip to ``ct_window`` (HU) and scale linearly to [0, 1]. MR, PET, SPECT and unknown: clip
+    to the ``percentiles`` of the volume, then z-score with the mean and standard deviation of
+    the foreground (voxels above the lower clip value; all voxels if fewer than 1% are). A
+    constant volume becomes all zeros.
 
     Args:
         ct_window: ``(low, high)`` in HU.
@@ -61,7 +61,7 @@ class ModalityNormalize(Transform):
 
         Args:
             img: ``(C, X, Y, Z)`` float tensor.
-            modality: ``CT``, ``MR``, ``PET`` or ``unknown``.
+            modality: ``CT``, ``MR``, ``PET``, ``SPECT`` or ``unknown``.
 
         Returns:
             ``(C, X, Y, Z)`` float32, same type (MetaTensor stays MetaTensor).

@@ -280,3 +280,27 @@ def test_is_label_map_on_real_files(volumes: Path):
     image = read_volume(volumes / MR_IMAGE)
     assert is_label_map(seg.array, seg.source)
     assert not is_label_map(image.array, image.source)
+
+
+def test_float_brats_label_maps_are_label_maps(volumes: Path):
+    """BraTS label maps are float volumes holding integers; its images are z-scores.
+
+    OTMultiClass (0..4) is stored as float32; brainmask as int32 scaled by scl_slope 2^-32 and
+    scl_inter 0.5 (float values 0 and 0.99999997, exactly 0 and 1 in float32, as SimpleITK and
+    read_volume return them).
+    """
+    import nibabel as nib
+
+    case = volumes / "brats/brats_2013_pat0005_1"
+    assert nib.load(case / "OTMultiClass.nii.gz").get_data_dtype() == np.float32
+    mask = nib.load(case / "brainmask.nii.gz")
+    assert (mask.dataobj.slope, mask.dataobj.inter) == (pytest.approx(2.0**-32), 0.5)
+    box = np.s_[50:190, 24:192, 40:100]
+    for name, kind in (
+        ("OTMultiClass.nii.gz", "label"),
+        ("brainmask.nii.gz", "label"),
+        ("Flair_subtrMeanDivStd.nii.gz", "image"),
+        ("T1c_subtrMeanDivStd.nii.gz", "image"),
+    ):
+        crop = np.asarray(nib.load(case / name).dataobj[box], dtype=np.float32)
+        assert is_label_map(crop, case / name) == (kind == "label"), name

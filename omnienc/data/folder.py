@@ -3,8 +3,11 @@
 The scan is recursive and never follows symbolic links into loops. DICOM files are grouped into
 series (one volume per series); everything else with a suffix :func:`omnienc.io.read_volume`
 knows is one volume. Unreadable files are skipped with one warning each and counted in a summary:
-one bad file never stops a run. Label maps (integer volumes with few values, or named like
-segmentations) are listed in the manifest but not served as images unless asked.
+one bad file never stops a run; so are single 2D DICOM slices (not volumes) and files named like
+label maps whose values are not integers. Label maps (integer-valued volumes of any data type
+with few values, or named like segmentations: :mod:`omnienc.data.labelmaps`) are listed in the
+manifest but not served as images unless asked; :func:`omnienc.data.pairing.pair_label_maps`
+pairs them with the images on their grid.
 
 Preprocessed arrays are cached under ``cache_dir`` (default ``$OMNIENC_CACHE`` or
 ``~/.cache/omnienc``), keyed by the file's content and the preprocessing parameters, and written
@@ -18,7 +21,6 @@ import io
 import json
 import logging
 import os
-import re
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from omnienc.atomic import atomic_target
+from omnienc.data.labelmaps import classify_volume
+from omnienc.data.labelmaps import is_label_map as is_label_map  # re-exported
 from omnienc.errors import DataError, OmniencError
 from omnienc.io import (
     DICOM_SUFFIXES,
@@ -41,34 +45,15 @@ from omnienc.io import (
     read_volume,
 )
 from omnienc.preprocessing import Preprocessing
+from omnienc.shard import Shard, relative_key
 from omnienc.transforms import preprocess_volume
 
 logger = logging.getLogger("omnienc")
 
-CACHE_VERSION = 1
+# 2: entries record units and the native affine; single 2D DICOM slices and the new modality
+# tokens (T1c, SPECT, ...) change what version 1 entries say.
+CACHE_VERSION = 2
 CACHE_ENV = "OMNIENC_CACHE"
-
-# Name tokens of segmentations (BIDS dseg, FreeSurfer aseg/aparc/wm/ribbon, "seg", "label", ...).
-_LABEL_TOKENS = {
-    "seg",
-    "dseg",
-    "pveseg",
-    "label",
-    "labels",
-    "labelmap",
-    "mask",
-    "aseg",
-    "aparc",
-    "wmparc",
-    "parc",
-    "ribbon",
-    "filled",
-    "wm",
-}
-# An integer volume with at most this many values is a label map whatever its name.
-_LABEL_MAX_VALUES = 64
-# With a segmentation-like name, up to this many values (FreeSurfer parcellations have ~190).
-_NAMED_LABEL_MAX_VALUES = 1024
 
 
 def default_cache_dir() -> Path:
@@ -97,11 +82,14 @@ class ManifestEntry:
         source: File or DICOM folder (as a string, for JSON).
         series_uid: DICOM SeriesInstanceUID when ``source`` is a folder.
         kind: ``image`` or ``label``.
-        modality: ``CT``, ``MR``, ``PET`` or ``unknown`` and how it was found.
+        modality: ``CT``, ``MR``, ``PET``, ``SPECT`` or ``unknown`` and how it was found.
         shape: Native ``(X, Y, Z)`` in RAS order; ``spacing`` its voxel size in mm.
         intensity: ``(min, max)`` of the native voxels.
         preprocessed_shape: ``(X, Y, Z)`` after preprocessing.
         cache_file: The cached ``.npz`` with the preprocessed image.
+        units: Units of the voxel values where the file states them (:attr:`Volume.units`).
+        affine: Native ``(4, 4)`` voxel-to-RAS affine (nested lists), for pairing label maps
+            with images on the same grid.
     """
 
     source: str
@@ -114,6 +102,8 @@ class ManifestEntry:
     intensity: tuple[float, float]
     preprocessed_shape: tuple[int, int, int]
     cache_file: str
+    units: str | None = None
+    affine: list[list[float]] | None = None
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -217,24 +207,6 @@ def check_not_constant(volume: Volume, purpose: str = "nothing to learn") -> Non
         raise DataError(volume.source, f"constant volume (every voxel is {lo:g}): {purpose}")
 
 
-def is_label_map(array: np.ndarray, path: Path) -> bool:
-    """Whether a volume looks like a segmentation rather than an image.
-
-    Integer-valued volumes with at most 64 distinct values are label maps; so are integer
-    volumes with up to 1024 values whose name has a segmentation token (``seg``, ``label``,
-    ``mask``, ``aseg``, ``aparc``, ``wm``, ...).
-    """
-    sample = array.reshape(-1)[:: max(1, array.size // 1_000_000)]
-    if not np.array_equal(sample, np.round(sample)):
-        return False
-    n_values = len(np.unique(sample))
-    if n_values <= _LABEL_MAX_VALUES:
-        return True
-    stem = path.name.lower()
-    tokens = set(re.split(r"[^a-z0-9]+", stem))
-    return bool(tokens & _LABEL_TOKENS) and n_values <= _NAMED_LABEL_MAX_VALUES
-
-
 def _save_npz_atomic(path: Path, **arrays: Any) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -253,6 +225,8 @@ class VolumeFolder(Dataset):
         frame: Frame to take from 4D files; ``None`` skips 4D files with a warning.
         min_size: Skip volumes smaller than this along any axis after preprocessing.
         progress: Show a progress bar while scanning.
+        shard: Keep only this shard of the volumes found (:mod:`omnienc.shard`: split by path
+            relative to ``root``), before anything is read or preprocessed.
 
     Raises:
         DataError: ``root`` is missing, not a folder, or holds no readable volume.
@@ -270,6 +244,7 @@ class VolumeFolder(Dataset):
         frame: int | None = None,
         min_size: int = 1,
         progress: bool = True,
+        shard: Shard | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.exists() and not self.root.is_symlink():
@@ -285,6 +260,10 @@ class VolumeFolder(Dataset):
         self.skipped: list[tuple[str, str]] = []
         unlisted: list[OSError] = []
         sources, self.n_ignored = find_volume_sources(self.root, unlisted)
+        if shard is not None:
+            sources = shard.select(
+                sources, key=lambda s: relative_key(self.root, s.path, s.series_uid)
+            )
         for err in unlisted:
             where = Path(err.filename) if err.filename else self.root
             problem = (
@@ -315,13 +294,17 @@ class VolumeFolder(Dataset):
             raise DataError(self.root, f"no usable volume found ({self.summary()})")
 
     def summary(self) -> str:
-        """One line: volumes found, used, label maps, too small, skipped, other files."""
+        """One line: volumes found, used, label maps and their pairs, too small, skipped, others."""
+        from omnienc.data.pairing import find_pairs  # pairing builds on this module
+
         n_labels = sum(e.kind == "label" for e in self.manifest)
+        n_pairs = len(find_pairs(self.manifest)[0])
         n_small = sum(min(e.preprocessed_shape) < self.min_size for e in self.manifest)
         entries = getattr(self, "entries", [])
         return (
             f"{self.root}: {len(self.manifest)} volumes read, {len(entries)} used, "
-            f"{n_labels} label maps, {n_small} smaller than {self.min_size} voxels, "
+            f"{n_labels} label maps ({n_pairs} image/label-map pairs), "
+            f"{n_small} smaller than {self.min_size} voxels, "
             f"{len(self.skipped)} unreadable skipped, {self.n_ignored} other files ignored"
         )
 
@@ -358,7 +341,7 @@ class VolumeFolder(Dataset):
         volume = read_volume(source.path, series_uid=source.series_uid, frame=self.frame)
         check_not_constant(volume)
         lo, hi = float(volume.array.min()), float(volume.array.max())
-        kind = "label" if is_label_map(volume.array, source.path) else "image"
+        kind = classify_volume(volume.array, source.path)
         if kind == "label":
             # Label maps are listed, not normalised: keep them on their native grid.
             image = volume.array[None]
@@ -377,6 +360,8 @@ class VolumeFolder(Dataset):
             intensity=(lo, hi),
             preprocessed_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
             cache_file=str(cache_file),
+            units=volume.units,
+            affine=volume.affine.tolist(),
         )
         _save_npz_atomic(
             cache_file,

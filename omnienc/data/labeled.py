@@ -1,10 +1,13 @@
-"""``LabeledVolumes``: image + label-map pairs on identical grids, preprocessed together."""
+"""``LabeledVolumes``: image + label-map pairs on identical grids, preprocessed together.
+
+Pairs come from the caller, or from a folder scan: :func:`omnienc.data.pairing.pair_label_maps`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +17,9 @@ from omnienc.errors import DataError
 from omnienc.io import Volume, read_volume
 from omnienc.preprocessing import Preprocessing
 from omnienc.transforms import preprocess_volume
+
+if TYPE_CHECKING:
+    from omnienc.data.pairing import LabelPair
 
 # Two grids agree when their affines differ by less than this (mm, and direction cosines).
 GRID_ATOL = 1e-3
@@ -49,6 +55,9 @@ def _rows(affine: np.ndarray) -> str:
 def read_label_map(path: str | Path, **kwargs: Any) -> Volume:
     """Read a label map and check that every voxel is a non-negative integer.
 
+    Any data type is accepted (BraTS stores its labels as float32) as long as the values are
+    integers.
+
     Raises:
         VolumeReadError: The file cannot be read (see :func:`omnienc.io.read_volume`).
         DataError: It holds non-integer or negative values.
@@ -56,8 +65,13 @@ def read_label_map(path: str | Path, **kwargs: Any) -> Volume:
     label = read_volume(path, modality="unknown", **kwargs)
     arr = label.array
     if not np.array_equal(arr, np.round(arr)):
-        n = int((arr != np.round(arr)).sum())
-        raise DataError(path, f"label map has {n:,} non-integer voxels; expected integer labels")
+        fractional = arr[arr != np.round(arr)]
+        raise DataError(
+            path,
+            f"label map has {fractional.size:,} non-integer voxels (e.g. "
+            f"{float(fractional[0]):.4g}); expected integer labels (a probability map, or a "
+            "label map resampled with linear interpolation?)",
+        )
     if float(arr.min()) < 0:
         raise DataError(path, f"label map has negative labels (min {arr.min():g})")
     return label
@@ -70,7 +84,8 @@ class LabeledVolumes(Dataset):
     never intensity-normalised.
 
     Args:
-        pairs: ``[(image_path, label_path), ...]``; an image path may be a DICOM folder.
+        pairs: ``[(image_path, label_path), ...]`` (an image path may be a DICOM folder), or
+            :class:`~omnienc.data.pairing.LabelPair` s, which also pick a series of a folder.
         preprocessing: Parameters of the deterministic pipeline.
         modality: Force the modality of every image (else inferred per file).
 
@@ -84,20 +99,32 @@ class LabeledVolumes(Dataset):
 
     def __init__(
         self,
-        pairs: Sequence[tuple[str | Path, str | Path]],
+        pairs: Sequence[tuple[str | Path, str | Path] | LabelPair],
         preprocessing: Preprocessing | None = None,
         modality: str | None = None,
     ) -> None:
         if not pairs:
             raise ValueError("LabeledVolumes needs at least one (image, label) pair")
-        self.pairs = [(Path(i), Path(lab)) for i, lab in pairs]
+        self.pairs: list[tuple[Path, Path]] = []
+        self.series_uids: list[str | None] = []
+        for pair in pairs:
+            if isinstance(pair, tuple):
+                image_path, label_path = pair
+                self.pairs.append((Path(image_path), Path(label_path)))
+                self.series_uids.append(None)
+            else:
+                self.pairs.append((pair.image, pair.label))
+                self.series_uids.append(pair.series_uid)
         self.preprocessing = preprocessing or Preprocessing()
         self.modality = modality
         self._items: dict[int, dict[str, Any]] = {}
         # Check every pair up front: a mismatched grid is an error now, not mid-training.
-        for image_path, label_path in self.pairs:
-            image = read_volume(image_path, modality=modality)
-            check_same_grid(image, read_label_map(label_path))
+        for index in range(len(self.pairs)):
+            check_same_grid(self._read_image(index), read_label_map(self.pairs[index][1]))
+
+    def _read_image(self, index: int) -> Volume:
+        image_path = self.pairs[index][0]
+        return read_volume(image_path, modality=self.modality, series_uid=self.series_uids[index])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -105,7 +132,7 @@ class LabeledVolumes(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index not in self._items:
             image_path, label_path = self.pairs[index]
-            image = read_volume(image_path, modality=self.modality)
+            image = self._read_image(index)
             label = read_label_map(label_path)
             out = preprocess_volume(image, self.preprocessing, label=label.array)
             self._items[index] = {
