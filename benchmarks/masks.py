@@ -19,6 +19,13 @@ Run::
 
     python -m omnienc.benchmarks.masks                 # -> benchmarks/results/masks.{json,md}
     python -m omnienc.benchmarks.masks --repeats 5 --output-dir /tmp/out
+
+The SAM2 provider (MASS's generator) needs weights and, to be practical, a GPU; with
+``--sam2 PATH_OR_ID`` it is scored beside the classical providers ("sam2 only", and in "all
+providers"), and timed on the 128^3 volume too (the device is recorded)::
+
+    python -m omnienc.benchmarks.masks --sam2 facebook/sam2.1-hiera-tiny --repeats 1 \
+        --output-dir /tmp/sam2-bench
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ def best_iou(masks: np.ndarray, label: np.ndarray, min_voxels: int) -> dict[int,
     inter = np.zeros((len(masks), n_labels))
     for k, mask in enumerate(masks):
         inter[k] = np.bincount(label[mask], minlength=n_labels)
-    sizes = masks.reshape(len(masks), -1).sum(axis=1).astype(np.float64)
+    sizes = masks.reshape(len(masks), int(np.prod(masks.shape[1:]))).sum(axis=1).astype(np.float64)
     counts = np.bincount(label.reshape(-1), minlength=n_labels)
     out: dict[int, dict[str, float]] = {}
     for s in np.flatnonzero(counts >= min_voxels):
@@ -208,13 +215,18 @@ def timing_128(root: Path, config: MaskConfig, repeats: int) -> dict[str, Any]:
     }
 
 
-def configurations(default: MaskConfig) -> list[tuple[str, MaskConfig]]:
-    """The default, each provider alone (default parameters), and other proposal caps."""
+def configurations(default: MaskConfig, sam2: str = "") -> list[tuple[str, MaskConfig]]:
+    """The default, each provider alone (default parameters), and other proposal caps.
+
+    ``sam2`` (a checkpoint) adds the SAM2 provider; without it, it is left out.
+    """
+    sam2 = sam2 or default.sam2
+    names = [n for n in MASK_PROVIDERS if n != "sam2" or sam2]
     out = [("default", default)]
-    for name in MASK_PROVIDERS:
+    for name in names:
         if (name,) != default.providers:
-            out.append((f"{name} only", replace(default, providers=(name,))))
-    out.append(("all providers", replace(default, providers=tuple(MASK_PROVIDERS))))
+            out.append((f"{name} only", replace(default, providers=(name,), sam2=sam2)))
+    out.append(("all providers", replace(default, providers=tuple(names), sam2=sam2)))
     for cap in (24, 96):
         out.append((f"default, cap {cap}", replace(default, max_masks=cap, merge_regions=(cap,))))
     return out
@@ -331,8 +343,24 @@ def to_markdown(report: dict[str, Any]) -> str:
         + ("meets" if aim["seconds_met"] else "does **not** meet")
         + f" the aim of < {aim['seconds_128']} s on one core"
     )
+    ts = report.get("timing_128_sam2")
+    if ts:
+        lines += [
+            "",
+            f"**SAM2 on the 128^3 volume** (`{ts['checkpoint']}`, on "
+            f"{m.get('sam2_device')}): **{ts['seconds']:.2f} s**, {ts['masks']} masks.",
+        ]
     lines += ["", "Aim: " + "; ".join(verdict) + ".", ""]
     return "\n".join(lines)
+
+
+def _sam2_device() -> str:
+    """Where the SAM2 provider runs (what :func:`omnienc.pretext.masks_sam2.load_sam2` picks)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)}), torch {torch.__version__}"
+    return f"cpu, torch {torch.__version__}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -346,7 +374,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-variants",
         action="store_true",
-        help="only the default configuration (no other providers, caps or sensitivity grid)",
+        help="only the default configuration (no other providers, caps or sensitivity grid; "
+        "with --sam2, the default and sam2 only)",
+    )
+    p.add_argument(
+        "--sam2",
+        default="",
+        metavar="PATH_OR_ID",
+        help="also score the SAM2 provider with this checkpoint (folder or hub id)",
     )
     return p.parse_args(argv)
 
@@ -357,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = resolve_data_root(args.data)
     pairs = load_pairs(root)
     default = MaskConfig()
-    configs = configurations(default)[:1] if args.no_variants else configurations(default)
+    configs = configurations(default, args.sam2)
+    if args.no_variants:
+        configs = [c for c in configs if c[0] in ("default", "sam2 only")]
     runs = []
     for name, config in configs:
         run = evaluate(name, config, pairs, args.min_voxels, args.repeats)
@@ -371,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = [] if args.no_variants else sweep(default, pairs, args.min_voxels)
     timing = timing_128(root, default, args.repeats)
     print(f"128^3: {timing['seconds']:.2f} s, {timing['masks']} masks", flush=True)
+    sam2_config = replace(default, providers=("sam2",), sam2=args.sam2)
+    timing_sam2 = timing_128(root, sam2_config, args.repeats) if args.sam2 else None
+    if timing_sam2:
+        timing_sam2["checkpoint"] = args.sam2
     report = {
         "command": shlex.join(
             ["python", "-m", "omnienc.benchmarks.masks", *(argv or sys.argv[1:])]
@@ -385,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "numpy": np.__version__,
             "scipy": scipy.__version__,
             "platform": platform.platform(),
+            "sam2_device": _sam2_device() if args.sam2 else None,
         },
         "min_voxels": args.min_voxels,
         "repeats": args.repeats,
@@ -397,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "sweep": grid,
         "timing_128": timing,
+        "timing_128_sam2": timing_sam2,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "masks.json").write_text(json.dumps(report, indent=2) + "\n")

