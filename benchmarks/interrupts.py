@@ -57,8 +57,9 @@ STOP_AT_STEP = 6  # mid-epoch: the second epoch runs steps 5..8
 KILL_IN_SAVE = 2  # the second checkpoint write, at step 8
 LAST_COMPLETE = 4  # the checkpoint both kills fall back to
 TIMEOUT_S = 600
-# Hidden temporaries of omnienc.atomic writers (.NAME.tmp-PID-HEX, .NAME.old-PID-HEX).
-_TEMP = re.compile(r"^\..+\.(?:tmp|old)-\d+-[0-9a-f]{8}")
+# Hidden temporaries of omnienc.atomic writers (.NAME.tmp-HOST-PID-HEX, .NAME.old-HOST-PID-HEX,
+# and the older .NAME.tmp-PID-HEX).
+_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(?:[A-Za-z0-9._]+-)?\d+-[0-9a-f]{8}")
 
 
 def omnienc_command() -> list[str]:

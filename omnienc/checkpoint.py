@@ -17,6 +17,7 @@ at worst, under its ``.NAME.old-*`` name), never a half-written one.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -33,7 +34,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from omnienc.atomic import fsync_dir, remove_stale_temps, temp_sibling
+from omnienc.atomic import fsync_dir, is_stale_temp, remove_stale_temps, temp_sibling
 from omnienc.encoders import (
     ENCODERS,
     FAMILIES,
@@ -43,6 +44,7 @@ from omnienc.encoders import (
     encoder_from_config,
 )
 from omnienc.errors import CheckpointError
+from omnienc.hub import resolve_checkpoint
 from omnienc.preprocessing import Preprocessing
 
 logger = logging.getLogger("omnienc")
@@ -142,7 +144,7 @@ def load_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """Read and check a checkpoint's ``config.json``.
 
     Args:
-        path: The checkpoint folder.
+        path: The checkpoint folder, or a Hub id ``hf-hub:ORG/NAME[@REV]`` (:mod:`omnienc.hub`).
 
     Returns:
         The parsed ``config.json``.
@@ -150,7 +152,7 @@ def load_checkpoint_config(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: The folder or file is missing, not JSON, or not a supported format.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         asides = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
         hint = (
@@ -204,15 +206,18 @@ def load_encoder(path: str | Path) -> tuple[Encoder, Preprocessing]:
     """Load an exported encoder and its preprocessing, without unpickling anything.
 
     Args:
-        path: The checkpoint folder written by :func:`save_encoder`.
+        path: The checkpoint folder written by :func:`save_encoder`, or a Hugging Face Hub id
+            ``hf-hub:ORG/NAME[@REVISION]`` of one (downloaded or read from the Hub cache by
+            :func:`omnienc.hub.resolve_checkpoint`).
 
     Returns:
         The encoder, in eval mode, and the preprocessing it was trained with.
 
     Raises:
-        CheckpointError: Anything about the folder is missing, corrupt or inconsistent.
+        CheckpointError: Anything about the folder is missing, corrupt or inconsistent, or the
+            Hub id cannot be resolved.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     config = load_checkpoint_config(path)
     family, arch = config["family"], config["arch"]
     if family not in FAMILIES:
@@ -249,7 +254,7 @@ def load_extra(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     """Read the state dict of an extra module saved beside the encoder.
 
     Args:
-        path: The checkpoint folder.
+        path: The checkpoint folder (or a Hub id, as for :func:`load_encoder`).
         name: The name the module was saved under.
 
     Returns:
@@ -258,7 +263,7 @@ def load_extra(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: The name is not in the checkpoint, or its file is missing or corrupt.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     extras = load_checkpoint_config(path).get("extra", {})
     if name not in extras:
         raise CheckpointError(
@@ -389,10 +394,11 @@ def _check_replaceable(path: Path) -> None:
 def recover_interrupted_save(path: str | Path) -> Path | None:
     """Repair what a save killed mid-way left beside ``path``; return a restored folder.
 
-    A save writes ``.NAME.tmp-PID-HEX``, moves the old folder aside to ``.NAME.old-PID-HEX`` and
-    renames the new one in. Killed between the two renames, ``path`` is missing and the aside
+    A save writes ``.NAME.tmp-HOST-PID-HEX``, moves the old folder aside to ``.NAME.old-...``
+    and renames the new one in. Killed between the two renames, ``path`` is missing and the aside
     holds the previous complete checkpoint: it is renamed back. Temporaries and asides of writers
-    that are gone are deleted.
+    that are gone are deleted; those of a live writer, or of another host that wrote in the last
+    24 hours (:func:`omnienc.atomic.is_stale_temp`), are left alone.
     """
     path = Path(path)
     remove_stale_temps(path)
@@ -401,7 +407,7 @@ def recover_interrupted_save(path: str | Path) -> Path | None:
         asides = [
             p
             for p in path.parent.glob(f".{glob.escape(path.name)}.old-*")
-            if (p / CONFIG_FILE).is_file()
+            if (p / CONFIG_FILE).is_file() and is_stale_temp(p, path)
         ]
         if asides:
             newest = max(asides, key=lambda p: p.stat().st_mtime)
@@ -414,18 +420,33 @@ def recover_interrupted_save(path: str | Path) -> Path | None:
     return restored
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``, moving an existing ``path`` aside until the rename is done."""
-    aside = None
-    if path.exists():
-        aside = temp_sibling(path, tag="old")
-        os.replace(path, aside)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, path)
-        raise
+def _swap_in(tmp: Path, path: Path, attempts: int = 20) -> None:
+    """Rename ``tmp`` to ``path``, moving an existing ``path`` aside until the rename is done.
+
+    Another process (on this host or another) may save the same checkpoint at the same time and
+    rename its folder in between our two renames; the rename then fails with ``ENOTEMPTY`` and
+    is retried after moving that folder aside too, so the last writer wins and no save fails.
+    """
+    asides: list[Path] = []
+    for _ in range(attempts):
+        if path.exists():
+            aside = temp_sibling(path, tag="old")
+            try:
+                os.replace(path, aside)
+                asides.append(aside)
+            except FileNotFoundError:  # another writer moved it first
+                pass
+        try:
+            os.replace(tmp, path)
+            break
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and path.is_dir():
+                continue  # a concurrent save renamed its folder in: move that aside, retry
+            if asides and not path.exists():
+                os.replace(asides.pop(), path)
+            raise
+    else:
+        raise CheckpointError(path, f"{attempts} concurrent saves kept replacing it; try again")
     fsync_dir(path.parent)
-    if aside is not None:
-        shutil.rmtree(aside)
+    for aside in asides:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -32,6 +32,17 @@ def _add_data_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_shard_arg(p: argparse.ArgumentParser, also: str = "") -> None:
+    from omnienc.shard import shard_arg
+
+    p.add_argument(
+        "--shard",
+        type=shard_arg,
+        metavar="K/N",
+        help=f"process only shard K of N (1-based, split by sorted relative path){also}",
+    )
+
+
 def _fmt_row(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
@@ -157,6 +168,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         download=args.download,
         progress=not args.quiet,
         window=args.window,
+        shard=args.shard,
     )
     seconds = time.perf_counter() - start
     emb.meta = {
@@ -168,8 +180,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "inputs": inputs,
         "seconds": round(seconds, 2),
         "omnienc": __version__,
+        "shard": str(args.shard) if args.shard else None,
     }
-    out = emb.save(args.output)
+    out = emb.save(args.shard.output_path(args.output) if args.shard else args.output)
     rows = []
     for spec in inputs:
         mask = np.asarray(emb.inputs) == spec
@@ -264,15 +277,42 @@ def cmd_masks(args: argparse.Namespace) -> int:
     from omnienc.data.folder import VolumeFolder, default_cache_dir
     from omnienc.pretext.masks import MaskConfig, compute_folder_masks, format_mask_summary
 
-    cache_dir = args.cache_dir or default_cache_dir()
-    overrides = {"max_masks": args.max_masks} if args.max_masks else {}
+    settings = None
+    if args.config is not None:  # the run's preprocessing and mask config: its cache keys
+        from omnienc.pretext.mask_settings import read_mask_settings
+
+        settings = read_mask_settings(args.config)
+    cache_dir = args.cache_dir or (settings.cache_dir if settings else None) or default_cache_dir()
+    overrides: dict[str, Any] = dict(settings.masks) if settings else {}
+    if args.max_masks:
+        overrides["max_masks"] = args.max_masks
+    if args.sam2:  # MASS's generator alone: SAM2 on seed slices, propagated through the volume
+        overrides.update(providers=("sam2",), sam2=args.sam2)
     folder = VolumeFolder(
-        args.folder, cache_dir=cache_dir, frame=args.frame, progress=not args.quiet
+        args.folder,
+        settings.preprocessing if settings else None,
+        cache_dir=cache_dir,
+        frame=args.frame,
+        progress=not args.quiet,
+        shard=args.shard,
     )
+    if args.shard is not None:
+        print(f"shard {args.shard}: {len(folder.entries)} volumes of {args.folder}")
     results = compute_folder_masks(
         folder, MaskConfig(**overrides), cache_dir, workers=args.workers, progress=not args.quiet
     )
     print(format_mask_summary(results))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``omnienc export CKPT OUT``: weights + config.json + model card, ready to publish."""
+    from omnienc.export import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint, args.out, license=args.license, results=args.results, repo_id=args.repo_id
+    )
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 
 
@@ -445,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--frame", type=int, help="frame of 4D files to read")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init encoder")
+    _add_shard_arg(p, " and write OUT.shard-K-of-N.npz")
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default ~/.cache/omnienc)")
     p.add_argument(
         "--download",
@@ -577,10 +618,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, metavar="DIR")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--max-masks", type=int, help="cap per volume")
+    p.add_argument(
+        "--sam2",
+        metavar="PATH_OR_ID",
+        help="use the SAM2 provider with this checkpoint: a local folder or a hub id such as "
+        "facebook/sam2.1-hiera-tiny (needs the weights; default: classical providers)",
+    )
+    _add_shard_arg(p)
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="YAML",
+        help="a pretrain config: use its data.preprocessing, data.masks and data.cache_dir, so "
+        "that `omnienc pretrain --config YAML` finds these masks in the cache",
+    )
     p.add_argument("--frame", type=int, help="frame of 4D files to read")
     p.add_argument("--cache-dir", type=Path, help="cache folder (default ~/.cache/omnienc)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint as a folder to publish: safetensors, config.json, model card",
+        description="Copy the checkpoint's weights and config.json into OUT (atomically) and "
+        "write a model card README.md with Hugging Face metadata, the recipe, the pretraining "
+        "data (from the run's config.yaml beside CKPT) and the numbers of --results files.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder or hf-hub:ORG/NAME[@REV]")
+    p.add_argument("out", type=Path, metavar="OUT", help="folder to write")
+    p.add_argument("--license", default="other", help="license id for the card (default: other)")
+    p.add_argument(
+        "--results",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="JSON",
+        help="results files written by `omnienc bench` (benchmarks/results/bench/*.json)",
+    )
+    p.add_argument("--repo-id", metavar="ORG/NAME", help="Hub id it will be published under")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "segment",

@@ -269,8 +269,13 @@ def check_resumable(ckpt_path: Path, module: pl.LightningModule) -> None:
 
 
 def _is_first_process() -> bool:
-    """Whether this is rank 0 of node 0 (the process that tidies and writes run files)."""
-    return all(int(os.environ.get(k, "0")) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
+    """Whether this is rank 0 of node 0 (the process that tidies and writes run files).
+
+    Reads the variables the launchers set before Lightning starts: ``RANK`` (torchrun),
+    ``SLURM_PROCID`` (srun), ``LOCAL_RANK`` and ``NODE_RANK`` (Lightning's own launcher).
+    """
+    ranks = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    return all(int(os.environ.get(k) or "0") == 0 for k in ranks)
 
 
 def clean_interrupted_run(run_dir: Path) -> list[Path]:

@@ -84,3 +84,45 @@ def test_next_write_removes_a_killed_writers_temporaries_only(tmp_path):
     assert target.read_bytes() == b"new"
     assert not dead.exists()
     assert live.exists() and other.exists()
+
+
+def test_temporaries_name_the_host_and_the_process(tmp_path, monkeypatch):
+    import os
+
+    from omnienc.atomic import hostname, temp_sibling
+
+    monkeypatch.setenv("OMNIENC_HOSTNAME", "node-07.cluster")
+    assert hostname() == "node_07.cluster"
+    tmp = temp_sibling(tmp_path / "x.npz")
+    assert tmp.name.startswith(f".x.npz.tmp-node_07.cluster-{os.getpid()}-")
+    monkeypatch.setenv("OMNIENC_HOSTNAME", "n" * 80)
+    long = hostname()
+    assert len(long) == 40 and long.startswith("n" * 31 + "_") and long == hostname()
+
+
+def test_cleanup_leaves_other_hosts_temporaries_until_they_are_a_day_old(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from omnienc.atomic import FOREIGN_TEMP_MAX_AGE_S, write_bytes_atomic
+
+    monkeypatch.setenv("OMNIENC_HOSTNAME", "alpha")
+    target = tmp_path / "cache.npz"
+    dead = _dead_pid()
+    mine_dead = tmp_path / f".cache.npz.tmp-alpha-{dead}-0123abcd"
+    mine_live = tmp_path / f".cache.npz.tmp-alpha-{os.getpid()}-0123abce"
+    # Another host's writer: its PID means nothing here (dead here, maybe alive there).
+    theirs = tmp_path / f".cache.npz.tmp-beta-{dead}-0123abcf"
+    theirs_old = tmp_path / f".cache.npz.tmp-beta-{dead}-0123abd0.nii.gz"
+    legacy_dead = tmp_path / f".cache.npz.tmp-{dead}-0123abd1"
+    for p in (mine_dead, mine_live, theirs, theirs_old, legacy_dead):
+        p.write_bytes(b"half")
+    old = time.time() - FOREIGN_TEMP_MAX_AGE_S - 60
+    os.utime(theirs_old, (old, old))
+    write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert not mine_dead.exists() and not legacy_dead.exists() and not theirs_old.exists()
+    assert mine_live.exists() and theirs.exists()
+    monkeypatch.setenv("OMNIENC_HOSTNAME", "beta")  # on beta, the same file is beta's own
+    write_bytes_atomic(target, b"newer")
+    assert not theirs.exists() and mine_live.exists()

@@ -344,3 +344,49 @@ def test_a_save_killed_between_its_renames_is_recovered(tmp_path: Path):
     assert not aside.exists() and not half.exists()
     shutil.rmtree(folder)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_another_hosts_recent_aside_is_neither_restored_nor_deleted(tmp_path: Path, monkeypatch):
+    import os
+
+    from omnienc.atomic import pid_alive
+
+    monkeypatch.setenv("OMNIENC_HOSTNAME", "alpha")
+    dead = 4_000_000
+    while pid_alive(dead):
+        dead -= 1
+    folder = save_encoder(_encoder(), tmp_path / "ckpt", PRE)
+    aside = tmp_path / f".ckpt.old-beta-{dead}-0123abcd"  # beta is mid-swap, as far as we know
+    os.replace(folder, aside)
+    with _raises(folder, "interrupted save", aside.name):
+        load_encoder(folder)
+    save_encoder(_encoder(seed=2), folder, PRE)
+    assert aside.is_dir() and load_encoder(aside)
+    monkeypatch.setenv("OMNIENC_HOSTNAME", "beta")  # beta itself knows its writer is gone
+    save_encoder(_encoder(seed=3), folder, PRE)
+    assert not aside.exists()
+
+
+def test_a_save_that_races_another_one_retries_and_wins(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    folder = tmp_path / "ckpt"
+    real_replace = os.replace
+    raced = []
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst) == folder and Path(src).name.startswith(".ckpt.tmp-") and not raced:
+            # Another writer renames its complete checkpoint in first (between our two renames).
+            raced.append(save_encoder(_encoder(seed=8), tmp_path / "other", PRE))
+            real_replace(tmp_path / "other", folder)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    mine = _encoder(seed=9).eval()
+    save_encoder(mine, folder, PRE)
+    monkeypatch.undo()
+    assert raced and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    loaded, _ = load_encoder(folder)
+    x = _volume()
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), mine(x))  # the last writer wins; nothing is left aside

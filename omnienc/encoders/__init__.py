@@ -36,6 +36,11 @@ def build_resconv_base(**overrides: Any) -> Encoder:
     return ResConvEncoder(RESCONV_SIZES["resconv_base"].replace(**overrides))
 
 
+def build_resconv_mass(**overrides: Any) -> Encoder:
+    """MASS-like GPU encoder: widths 32-64-128-256-512, blocks 1-2-2-2-2, unstrided stem."""
+    return ResConvEncoder(RESCONV_SIZES["resconv_mass"].replace(**overrides))
+
+
 def build_vit3d_tiny(**overrides: Any) -> Encoder:
     """3D ViT, patch 16, width 192, 6 blocks, 3 heads."""
     return ViT3DEncoder(VIT3D_SIZES["vit3d_tiny"].replace(**overrides))
@@ -50,6 +55,7 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
     "resconv_tiny": build_resconv_tiny,
     "resconv_small": build_resconv_small,
     "resconv_base": build_resconv_base,
+    "resconv_mass": build_resconv_mass,
     "vit3d_tiny": build_vit3d_tiny,
     "vit3d_small": build_vit3d_small,
 }

@@ -10,7 +10,10 @@ Layout (``w_i = widths[i]``, ``n_i = depths[i]``)::
     stages.0  n_0 residual blocks at w_0                              stride 2
     stages.i  residual block stride 2 (w_{i-1} -> w_i) + n_i - 1 more  stride 2^(i+1), i = 1..3
 
-so the deepest stage has stride 16 (= ``omnienc.lifting.LIFT_DEPTH``). The stem is strided
+so the deepest stage has stride 16 (= ``omnienc.lifting.LIFT_DEPTH``). ``resconv_mass`` is the
+GPU layout MASS trains (five stages of widths 32-512 and an unstrided stem, ``stem_stride=1``):
+``stem`` at stride 1, then ``stages.0`` at 1 and ``stages.i`` at ``2^i``, again 16 at the
+deepest. The default stem is strided
 because the full-resolution stage of a UNet encoder dominates CPU time (for a 32^3 crop a
 stride-1 stem would do 8x the work of stage 0 and keep the largest activations for backward);
 a decoder that needs full-resolution detail can take it from the input itself.
@@ -35,6 +38,7 @@ from torch import nn
 from omnienc.encoders.base import Encoder, EncoderConfig
 
 NUM_STAGES = 4
+TOTAL_STRIDE = 16  # of the deepest stage, for every layout (omnienc.lifting.LIFT_DEPTH)
 
 
 @dataclass(frozen=True)
@@ -43,21 +47,27 @@ class ResConvConfig(EncoderConfig):
 
     Attributes:
         in_chans: Input channels.
-        widths: Channels of the four stages; the last is ``embed_dim``.
+        widths: Channels of the stages; the last is ``embed_dim``.
         depths: Residual blocks per stage (each >= 1).
         negative_slope: Slope of the LeakyReLU (0.01 as in nnU-Net).
+        stem_stride: Stride of the stem, 2 (four stages) or 1 (five stages, the first at full
+            resolution, as MASS and nnU-Net lay out theirs); the deepest stride is 16 either way.
     """
 
     widths: tuple[int, ...] = (32, 64, 128, 256)
     depths: tuple[int, ...] = (1, 1, 1, 1)
     negative_slope: float = 0.01
+    stem_stride: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.widths) != NUM_STAGES or len(self.depths) != NUM_STAGES:
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        stages = NUM_STAGES + (2 - self.stem_stride)
+        if len(self.widths) != stages or len(self.depths) != stages:
             raise ValueError(
-                f"widths and depths need {NUM_STAGES} entries (total stride 16), "
-                f"got widths={self.widths}, depths={self.depths}"
+                f"widths and depths need {stages} entries with stem_stride {self.stem_stride} "
+                f"(total stride {TOTAL_STRIDE}), got widths={self.widths}, depths={self.depths}"
             )
         if min(self.widths) < 1 or min(self.depths) < 1:
             raise ValueError(f"widths and depths must be >= 1, got {self.widths}, {self.depths}")
@@ -122,7 +132,7 @@ class ResConvEncoder(Encoder):
         self.config = config
         w, slope = config.widths, config.negative_slope
         self.stem = nn.Sequential(
-            nn.Conv3d(config.in_chans, w[0], 3, stride=2, padding=1, bias=False),
+            nn.Conv3d(config.in_chans, w[0], 3, stride=config.stem_stride, padding=1, bias=False),
             nn.InstanceNorm3d(w[0], affine=True),
             nn.LeakyReLU(slope, inplace=True),
         )
@@ -135,7 +145,7 @@ class ResConvEncoder(Encoder):
         self.stages = nn.ModuleList(stages)
         self.embed_dim = w[-1]
         self.feature_info = [
-            {"num_chs": width, "reduction": 2 ** (i + 1), "module": f"stages.{i}"}
+            {"num_chs": width, "reduction": config.stem_stride * 2**i, "module": f"stages.{i}"}
             for i, width in enumerate(w)
         ]
 
@@ -152,14 +162,14 @@ class ResConvEncoder(Encoder):
             )
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the four stages.
+        """Outputs of the stages.
 
         Args:
             x: ``(B, C, D, H, W)``.
 
         Returns:
-            Four tensors ``(B, widths[i], ceil(D / r_i), ceil(H / r_i), ceil(W / r_i))`` with
-            ``r_i = 2^(i+1)``.
+            One tensor per stage, ``(B, widths[i], ceil(D / r_i), ceil(H / r_i), ceil(W / r_i))``
+            with ``r_i = stem_stride * 2^i`` (``2^(i+1)`` for the default stem).
         """
         self.check_input(x)
         x = self.stem(x)
@@ -185,4 +195,7 @@ RESCONV_SIZES: dict[str, ResConvConfig] = {
     "resconv_tiny": ResConvConfig(widths=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
     "resconv_small": ResConvConfig(widths=(16, 32, 64, 128), depths=(1, 1, 2, 2)),
     "resconv_base": ResConvConfig(widths=(32, 64, 128, 256), depths=(1, 2, 2, 2)),
+    "resconv_mass": ResConvConfig(
+        widths=(32, 64, 128, 256, 512), depths=(1, 2, 2, 2, 2), stem_stride=1
+    ),
 }
