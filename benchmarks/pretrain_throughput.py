@@ -3,8 +3,10 @@
     python -m omnienc.benchmarks.pretrain_throughput --crop 64 --batch-size 4 --steps 20
 
 Crops/s counts both crops of every pair. The plain loop runs the same module's
-``forward_pair`` + backward + AdamW on batches fetched beforehand, so the difference is the
-data pipeline (sampling, augmentation, collation) plus Lightning's own bookkeeping.
+``forward_pair`` + backward + AdamW on batches fetched (and augmented) beforehand, so the
+difference is the data pipeline (sampling, augmentation, collation) plus Lightning's own
+bookkeeping. On a GPU the views are computed there, after the transfer (``data.augment_on:
+auto``), so the Lightning step counts them and the plain loop does not.
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ def measure(
     assert timer.start is not None and timer.end is not None
     lightning_s = timer.end - timer.start
 
-    # The same batches, fetched first, through a plain loop.
+    # The same batches, fetched and augmented first (on the GPU: after the transfer, as in
+    # training), through a plain loop.
     dm.set_step(0)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     batches = [
-        {k: v.to(device) for k, v in b.items()} for b in list(dm.train_dataloader())[warmup:]
+        dm.on_after_batch_transfer({k: v.to(device) for k, v in b.items()}, 0)
+        for b in list(dm.train_dataloader())[warmup:]
     ]
     torch.manual_seed(0)
     plain = PretrainModule(model_cfg, data_cfg.pair.crop_size).to(device).train()

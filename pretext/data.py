@@ -2,10 +2,17 @@
 
 Each training sample is drawn from a random volume, as two overlapping crops with up to K
 proposal masks (:func:`omnienc.pretext.pairs.sample_pair`), then augmented (reference weakly,
-query strongly). Sample ``j`` of rank ``r`` at global step ``g`` has the index
-``(g * world_size + r) * batch_size + j`` and its randomness comes only from ``(seed, index)``,
-so a resumed run replays exactly the batches an uninterrupted run would have seen, however the
-trainer counts epochs.
+query strongly; :mod:`omnienc.pretext.augment`). Sample ``j`` of rank ``r`` at global step ``g``
+has the index ``(g * world_size + r) * batch_size + j`` and its randomness comes only from
+``(seed, index)``, so a resumed run replays exactly the batches an uninterrupted run would have
+seen, however the trainer counts epochs.
+
+The volumes stay on disk (:mod:`omnienc.pretext.corpus`): every sample maps its volume's cached
+image and bit-packed masks and reads only its two crops. Where the augmentation runs is
+``data.augment_on``: in the DataLoader (``cpu``), or batched on the accelerator after the
+transfer (``device``, in :meth:`PretrainDataModule.on_after_batch_transfer`); ``auto`` picks
+``device`` when the trainer's accelerator is not the CPU. The view parameters are drawn in the
+loader from the sample's generator either way, so both give the same batches.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import pytorch_lightning as pl
@@ -30,14 +38,13 @@ from omnienc.data.medmnist import MedMNIST, parse_medmnist_spec
 from omnienc.data.root import resolve_data_root
 from omnienc.errors import DataError
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext.masks import MaskConfig, compute_folder_masks, load_masks, propose_masks
-from omnienc.pretext.pairs import (
-    PairConfig,
-    augment_pair,
-    build_query_augment,
-    build_reference_augment,
-    sample_pair,
-)
+from omnienc.pretext.augment import augment_sample, augment_views, draw_view_params
+from omnienc.pretext.corpus import CachedVolume, InMemoryVolume, cached_volume
+from omnienc.pretext.masks import MaskConfig, compute_folder_masks, propose_masks
+from omnienc.pretext.pairs import PairConfig, sample_pair
+
+AUGMENT_ON = ("auto", "cpu", "device")
+PAIR_KEYS = ("ref_image", "query_image", "ref_masks", "query_masks", "task_valid")
 
 logger = logging.getLogger("omnienc")
 
@@ -61,6 +68,9 @@ class DataConfig:
         num_workers: DataLoader worker processes.
         cache_dir: Preprocessing and mask cache (default ``~/.cache/omnienc``).
         mask_workers: Processes for computing mask proposals.
+        augment_on: Where the random views are computed: ``cpu`` (DataLoader), ``device``
+            (batched, after the transfer to the accelerator) or ``auto`` (``device`` unless the
+            trainer runs on the CPU). The batches are the same either way.
     """
 
     roots: list[str] = field(default_factory=lambda: ["volumes"])
@@ -78,8 +88,11 @@ class DataConfig:
     num_workers: int = 0
     cache_dir: str | None = None
     mask_workers: int = 1
+    augment_on: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}")
         if not 0.0 <= self.medmnist_fraction <= 1.0:
             raise ValueError(f"medmnist_fraction must be in [0, 1], got {self.medmnist_fraction}")
         if self.medmnist_fraction > 0 and not self.medmnist:
@@ -114,54 +127,64 @@ class StepBatchSampler(Sampler[list[int]]):
         return self.steps_per_epoch
 
 
+Volume: TypeAlias = "CachedVolume | InMemoryVolume"
+
+
 class PairDataset(Dataset):
-    """Deterministic stream of augmented reference/query pairs; sample ``i`` depends on ``i``.
+    """Deterministic stream of reference/query pairs; sample ``i`` depends on ``i`` only.
 
     Args:
-        images: Preprocessed volumes, each ``(1, X, Y, Z)`` float32.
-        masks: Their proposals, each ``(M_i, X, Y, Z)`` bool.
-        weights: Sampling probability of each volume (sums to 1).
+        volumes: The corpus: :class:`~omnienc.pretext.corpus.CachedVolume` (on disk, mapped
+            per sample) or :class:`~omnienc.pretext.corpus.InMemoryVolume`.
+        weights: Sampling probability of each volume (normalised here).
         pair: Crop and task parameters.
         seed: Base seed.
+        augment: Apply the views here (the CPU path); otherwise items carry the view
+            parameters (:data:`omnienc.pretext.augment.PARAM_KEYS`) for
+            :func:`omnienc.pretext.augment.augment_views` to apply after the transfer.
 
     Items are dicts of tensors: ``ref_image``/``query_image`` ``(1, S, S, S)`` float32,
-    ``ref_masks``/``query_masks`` ``(T, S, S, S)`` float32, ``task_valid`` ``(T,)`` bool.
+    ``ref_masks``/``query_masks`` ``(T, S, S, S)`` float32, ``task_valid`` ``(T,)`` bool, and
+    without ``augment`` the view parameters.
     """
 
     def __init__(
         self,
-        images: list[np.ndarray],
-        masks: list[np.ndarray],
+        volumes: list[Volume],
         weights: np.ndarray,
         pair: PairConfig,
         seed: int,
+        augment: bool = True,
     ) -> None:
-        if not images:
+        if not volumes:
             raise ValueError("PairDataset needs at least one volume")
-        self.images = images
-        self.masks = masks
+        self.volumes = volumes
         self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.pair = pair
         self.seed = seed
-        self.ref_aug = build_reference_augment()
-        self.query_aug = build_query_augment(pair.crop_size)
+        self.augment = augment
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
-        v = int(rng.choice(len(self.images), p=self.weights))
-        pair = sample_pair(self.images[v], self.masks[v], self.pair, rng)
-        pair = augment_pair(pair, self.ref_aug, self.query_aug, seed=int(rng.integers(2**31 - 1)))
-        return {
-            key: torch.as_tensor(np.ascontiguousarray(pair[key]))
-            for key in ("ref_image", "query_image", "ref_masks", "query_masks", "task_valid")
+        v = int(rng.choice(len(self.volumes), p=self.weights))
+        image, masks = self.volumes[v].open()
+        pair = sample_pair(image, masks, self.pair, rng)
+        del image, masks  # unmaps the volume: only the crops stay
+        params = draw_view_params(rng, self.pair.crop_size)
+        item = {
+            key: torch.as_tensor(np.ascontiguousarray(value)).reshape(np.shape(value))
+            for key, value in [*((k, pair[k]) for k in PAIR_KEYS), *params.items()]
         }
+        return augment_sample(item) if self.augment else item
 
 
 class PretrainDataModule(pl.LightningDataModule):
     """Volumes (and optional MedMNIST cubes) with cached mask proposals, served as pairs.
 
     ``prepare_data`` (rank 0 only) preprocesses every volume and computes its mask proposals
-    into the cache; ``setup`` (every rank) loads them into memory.
+    into the cache; ``setup`` (every rank) makes the memory-mappable sidecars of the cache
+    entries where they are missing and keeps only their paths (MedMNIST cubes are held in
+    memory).
 
     Args:
         config: The :class:`DataConfig`.
@@ -218,9 +241,8 @@ class PretrainDataModule(pl.LightningDataModule):
                 progress=True,
             )
 
-    def _medmnist(self) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-        images: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
+    def _medmnist(self) -> tuple[list[InMemoryVolume], list[str]]:
+        volumes: list[InMemoryVolume] = []
         ids: list[str] = []
         root = resolve_data_root(self.data_root) / "medmnist"
         for spec in self.config.medmnist:
@@ -229,10 +251,10 @@ class PretrainDataModule(pl.LightningDataModule):
             if not ds.is_3d:
                 raise DataError(root, f"pretraining takes 3D MedMNIST sets; {flag} is 2D")
             cubes = [ds[i]["image"].numpy() for i in range(len(ds))]
-            images += cubes
-            masks += self._cube_masks(f"{flag}_{size}_{split}", cubes)
+            masks = self._cube_masks(f"{flag}_{size}_{split}", cubes)
+            volumes += [InMemoryVolume(c, m) for c, m in zip(cubes, masks, strict=True)]
             ids += list(ds.ids)
-        return images, masks, ids
+        return volumes, ids
 
     def _cube_masks(self, name: str, cubes: list[np.ndarray]) -> list[np.ndarray]:
         """Mask proposals of MedMNIST cubes, cached in one packed file per split and config."""
@@ -264,44 +286,31 @@ class PretrainDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        images: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
+        volumes: list[Volume] = []
         for folder in self._folders(progress=False):
             results = compute_folder_masks(
                 folder, self.config.masks, self._cache_dir(), workers=1, progress=False
             )
             by_source = {r.source: r for r in results}
-            for i, entry in enumerate(folder.entries):
-                images.append(folder[i]["image"].numpy())
-                masks.append(load_masks(by_source[entry.source].cache_file))
+            for entry in folder.entries:
+                mask_file = by_source[entry.source].cache_file
+                volumes.append(cached_volume(entry.cache_file, mask_file, entry.preprocessed_shape))
                 self.sources.append(entry.source)
-        n_volumes = len(images)
+        n_volumes = len(volumes)
         weights = np.full(n_volumes, 1.0 / max(n_volumes, 1))
         if self.config.medmnist and self.config.medmnist_fraction > 0:
-            mm_images, mm_masks, mm_ids = self._medmnist()
-            images += mm_images
-            masks += mm_masks
+            cubes, mm_ids = self._medmnist()
+            volumes += cubes
             self.sources += mm_ids
             f = self.config.medmnist_fraction
-            weights = np.concatenate(
-                [
-                    (1 - f) * weights,
-                    np.full(len(mm_images), f / len(mm_images)),
-                ]
-            )
+            weights = np.concatenate([(1 - f) * weights, np.full(len(cubes), f / len(cubes))])
         logger.info(
             "pretraining on %d volumes (+%d MedMNIST cubes), %d mask proposals in all",
             n_volumes,
-            len(images) - n_volumes,
-            sum(len(m) for m in masks),
+            len(volumes) - n_volumes,
+            sum(v.n_masks for v in volumes),
         )
-        self.dataset = PairDataset(
-            images,
-            masks,
-            weights,
-            self.config.pair,
-            seed=self.seed,
-        )
+        self.dataset = PairDataset(volumes, weights, self.config.pair, seed=self.seed)
         trainer = getattr(self, "trainer", None)
         self.sampler = StepBatchSampler(
             self.config.batch_size,
@@ -314,11 +323,35 @@ class PretrainDataModule(pl.LightningDataModule):
         """Start the next epoch's batches at global step ``step`` (called at each epoch start)."""
         self.sampler.start_step = step
 
+    def augment_where(self) -> str:
+        """``cpu`` or ``device``: where the views are computed (``data.augment_on`` resolved)."""
+        if self.config.augment_on != "auto":
+            return self.config.augment_on
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return "cpu"
+        from pytorch_lightning.accelerators import CPUAccelerator
+
+        return "cpu" if isinstance(trainer.accelerator, CPUAccelerator) else "device"
+
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"
+        self.dataset.augment = self.augment_where() == "cpu"
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=self.config.num_workers,
             persistent_workers=False,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Apply the views on the batch's device when the loader left them (``device``).
+
+        Args:
+            batch: A collated batch (see :class:`PairDataset`), already on the device.
+            dataloader_idx: Unused.
+
+        Returns:
+            The augmented batch; a batch augmented in the loader passes unchanged.
+        """
+        return augment_views(batch) if isinstance(batch, dict) else batch

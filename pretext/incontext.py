@@ -10,7 +10,8 @@ same structure in the query. The loss is Dice + BCE.
 
 This module holds the parts, assembled by the pretraining LightningModule:
 
-* the two crops, task masks and views come from :mod:`omnienc.pretext.pairs`;
+* the two crops and task masks come from :mod:`omnienc.pretext.pairs`, their views from
+  :mod:`omnienc.pretext.augment`;
 * :class:`HeadConfig`, :class:`InContextHead`, :func:`build_incontext_head`: task tokens, fusion
   and per-task logits. The fusion is the two-way transformer of SAM's mask decoder (Kirillov et
   al., "Segment Anything", https://arxiv.org/abs/2304.02643), run once per task;

@@ -23,6 +23,7 @@ from omnienc.encoders import build_encoder
 from omnienc.encoders.base import Encoder
 from omnienc.errors import OmniencError
 from omnienc.optim import adamw_warmup_cosine, decay_groups
+from omnienc.pretext.augment import PARAM_KEYS
 from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
 from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
 from omnienc.pretext.monai_ssl import MonaiSSLConfig, MonaiSSLObjective
@@ -165,6 +166,12 @@ class PretrainModule(pl.LightningModule):
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if PARAM_KEYS[0] in batch:
+            raise RuntimeError(
+                "the batch reached training_step without its views: apply "
+                "omnienc.pretext.augment.augment_views after the transfer (the "
+                "PretrainDataModule's on_after_batch_transfer does)"
+            )
         out = self.forward_pair(batch)
         if not torch.isfinite(out["loss"]):
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items())

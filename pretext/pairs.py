@@ -4,33 +4,22 @@ MASS (Gao et al., https://arxiv.org/abs/2603.13660) draws two overlapping crops 
 the *reference* weakly augmented and the *query* strongly, and turns up to ``K`` class-agnostic
 mask proposals into segmentation tasks. This module holds that data side, in numpy and MONAI:
 
-* :class:`PairConfig`, :func:`sample_pair`: the two crops and the task masks;
-* :func:`build_reference_augment`, :func:`build_query_augment`, :func:`augment_pair`: the weak
-  and strong views, reproducible from a seed.
+* :class:`PairConfig`, :func:`sample_pair`: the two crops and the task masks, from masks in
+  memory or bit-packed on disk (:class:`omnienc.pretext.corpus.PackedMasks`).
 
-The head and loss that consume the pairs are in :mod:`omnienc.pretext.incontext`.
+The weak and strong views of the pairs are in :mod:`omnienc.pretext.augment`; the head and loss
+that consume the pairs in :mod:`omnienc.pretext.incontext`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
-from monai.transforms import (
-    Compose,
-    RandAdjustContrastd,
-    RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
 
 from omnienc.config import JsonConfig
+from omnienc.pretext.corpus import PackedMasks
 
 # Proposals whose query-crop IoU exceeds this count as "the same structure" when picking tasks.
 _VARIETY_IOU = 0.5
@@ -159,7 +148,10 @@ def _pick_tasks(
 
 
 def sample_pair(
-    image: np.ndarray, masks: np.ndarray, config: PairConfig, rng: np.random.Generator
+    image: np.ndarray,
+    masks: np.ndarray | PackedMasks,
+    config: PairConfig,
+    rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """Draw a reference/query crop pair of one volume and its tasks (MASS's pretext sample).
 
@@ -169,8 +161,11 @@ def sample_pair(
     qualifying proposals (else the pair with the most is kept).
 
     Args:
-        image: ``(1, X, Y, Z)`` float32 preprocessed volume.
-        masks: ``(M, X, Y, Z)`` bool class-agnostic proposals on the same grid; ``M`` may be 0.
+        image: ``(1, X, Y, Z)`` float32 preprocessed volume (an array or a memory map: only
+            the crops are read, unless the volume is smaller than the crop).
+        masks: ``(M, X, Y, Z)`` bool class-agnostic proposals on the same grid, as an array or
+            as :class:`~omnienc.pretext.corpus.PackedMasks` (only the crops are unpacked; the
+            result is the same); ``M`` may be 0.
         config: Crop size, overlap and task settings.
         rng: Source of randomness (e.g. ``np.random.default_rng(seed)``).
 
@@ -194,37 +189,55 @@ def sample_pair(
         raise ValueError(
             f"masks must be (M, {', '.join(map(str, image.shape[1:]))}), got {masks.shape}"
         )
-    masks = masks.astype(bool, copy=False)
     size = config.crop_size
     pad_low = np.array([max(s - n, 0) // 2 for n, s in zip(image.shape[1:], size, strict=True)])
-    if any(n < s for n, s in zip(image.shape[1:], size, strict=True)):
+    padded = any(n < s for n, s in zip(image.shape[1:], size, strict=True))
+    if padded:
         widths = [(0, 0)] + [
             (int(lo), max(s - n, 0) - int(lo))
             for n, s, lo in zip(image.shape[1:], size, pad_low, strict=True)
         ]
         image = np.pad(image, widths, constant_values=float(image.min()))
-        masks = np.pad(masks, widths, constant_values=False)
+    crop_masks: Callable[[np.ndarray], np.ndarray]
+    if isinstance(masks, PackedMasks):
+        packed = masks
 
-    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        def crop_masks(origin: np.ndarray) -> np.ndarray:
+            return packed.crop(origin - pad_low, size)  # False outside the unpadded volume
+
+    else:
+        dense = masks.astype(bool, copy=False)
+        if padded:
+            dense = np.pad(dense, widths, constant_values=False)
+
+        def crop_masks(origin: np.ndarray) -> np.ndarray:
+            return _crop(dense, origin, size)
+
+    n_masks = masks.shape[0]
+    # (reference origin, query origin, qualifying proposals, their two crops)
+    best: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None] | None
+    best = None
     for _ in range(_PAIR_ATTEMPTS):
         ref_o, query_o = _sample_origins(image.shape[1:], size, config.min_overlap, rng)
-        if config.max_tasks == 0 or masks.shape[0] == 0:
-            best = (ref_o, query_o, np.zeros(0, dtype=np.int64))
+        if config.max_tasks == 0 or n_masks == 0:
+            best = (ref_o, query_o, np.zeros(0, dtype=np.int64), None, None)
             break
-        in_ref = np.count_nonzero(_crop(masks, ref_o, size), axis=(1, 2, 3))
-        in_query = np.count_nonzero(_crop(masks, query_o, size), axis=(1, 2, 3))
+        ref_crop, query_crop = crop_masks(ref_o), crop_masks(query_o)
+        in_ref = np.count_nonzero(ref_crop, axis=(1, 2, 3))
+        in_query = np.count_nonzero(query_crop, axis=(1, 2, 3))
         ok = np.flatnonzero(
             (in_ref >= config.min_task_voxels) & (in_query >= config.min_task_voxels)
         )
         if best is None or len(ok) > len(best[2]):
-            best = (ref_o, query_o, ok)
+            best = (ref_o, query_o, ok, ref_crop, query_crop)
         if len(ok) >= config.max_tasks:
             break
     assert best is not None
-    ref_o, query_o, candidates = best
+    ref_o, query_o, candidates, ref_crops, query_crops = best
 
-    query_crop = _crop(masks, query_o, size)
-    chosen = _pick_tasks(query_crop, candidates, config.max_tasks, rng)
+    chosen = (
+        [] if query_crops is None else _pick_tasks(query_crops, candidates, config.max_tasks, rng)
+    )
     t = config.num_tasks
     ref_masks = np.zeros((t, *size), dtype=np.float32)
     query_masks = np.zeros((t, *size), dtype=np.float32)
@@ -237,13 +250,15 @@ def sample_pair(
         query_masks[0, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1.0
         valid[0] = True
     if chosen:
+        assert ref_crops is not None and query_crops is not None
         n = len(chosen)
-        ref_masks[first : first + n] = _crop(masks, ref_o, size)[chosen]
-        query_masks[first : first + n] = query_crop[chosen]
+        ref_masks[first : first + n] = ref_crops[chosen]
+        query_masks[first : first + n] = query_crops[chosen]
         valid[first : first + n] = True
     return {
-        "ref_image": np.ascontiguousarray(_crop(image, ref_o, size), dtype=np.float32),
-        "query_image": np.ascontiguousarray(_crop(image, query_o, size), dtype=np.float32),
+        # Copies, never views: the volume may be a memory map that is closed after the sample.
+        "ref_image": np.array(_crop(image, ref_o, size), dtype=np.float32),
+        "query_image": np.array(_crop(image, query_o, size), dtype=np.float32),
         "ref_masks": ref_masks,
         "query_masks": query_masks,
         "task_valid": valid,
@@ -251,104 +266,3 @@ def sample_pair(
         "query_origin": query_o,
         "pad_low": pad_low.astype(np.int64),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Views
-# --------------------------------------------------------------------------------------------
-
-_SPATIAL_KEYS = ("image", "masks")
-
-
-def build_reference_augment() -> Compose:
-    """The weak view of the reference crop: small intensity scale and shift only.
-
-    Returns:
-        A MONAI ``Compose`` over ``{"image": (1, *S), "masks": (T, *S)}``; the masks pass
-        through untouched, so reference masks stay aligned with the reference image.
-    """
-    return Compose(
-        [
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-        ]
-    )
-
-
-def build_query_augment(crop_size: Sequence[int] | None = None) -> Compose:
-    """The strong view of the query crop, as in MASS.
-
-    Spatial transforms (a flip along each axis, a 90-degree rotation in the axial plane) act
-    identically on the image and the task masks; intensity transforms (scale, shift, gamma
-    contrast, Gaussian noise, Gaussian smoothing) act on the image only. Rotations stay in the
-    axial plane, where patient anatomy has no preferred in-plane direction, and are left out
-    when that plane is not square, so the crop shape never changes. Each spatial transform
-    copies every mask channel, so they are kept few: the whole view costs about 0.1 s for a
-    64^3 crop with 9 tasks on one CPU core.
-
-    Args:
-        crop_size: ``(S_x, S_y, S_z)``; ``None`` means a cube.
-
-    Returns:
-        A MONAI ``Compose`` over ``{"image": (1, *S), "masks": (T, *S)}``.
-    """
-    size = tuple(crop_size) if crop_size is not None else (1, 1, 1)
-    keys = list(_SPATIAL_KEYS)
-    spatial: list[Any] = [RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(3)]
-    if size[0] == size[1]:
-        spatial.append(RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
-    intensity = [
-        RandScaleIntensityd(keys="image", factors=0.2, prob=0.8),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.8),
-        RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
-        RandGaussianNoised(keys="image", std=0.05, prob=0.3),
-        RandGaussianSmoothd(
-            keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2
-        ),
-    ]
-    return Compose(spatial + intensity)
-
-
-def _apply_view(
-    transform: Compose, image: np.ndarray, masks: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a seeded view transform on one crop and its masks; returns float32 numpy arrays."""
-    transform.set_random_state(seed=seed)
-    out = transform({"image": torch.from_numpy(image), "masks": torch.from_numpy(masks)})
-
-    def to_numpy(x: Any) -> np.ndarray:
-        if isinstance(x, torch.Tensor):
-            x = x.as_subclass(torch.Tensor).detach().cpu().numpy()
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    return to_numpy(out["image"]), to_numpy(out["masks"])
-
-
-def augment_pair(
-    pair: Mapping[str, np.ndarray], ref_aug: Compose, query_aug: Compose, seed: int
-) -> dict[str, np.ndarray]:
-    """Apply the weak view to the reference and the strong view to the query, reproducibly.
-
-    The two views get independent seeds derived from ``seed`` (``np.random.SeedSequence``), so
-    the same ``seed`` gives identical outputs whatever ran before, in any DataLoader worker.
-    The origins are kept as sampled: after a flip or rotation of the query they describe the
-    crop before augmentation.
-
-    Args:
-        pair: A dict from :func:`sample_pair`.
-        ref_aug: From :func:`build_reference_augment`; its random state is reset.
-        query_aug: From :func:`build_query_augment`; its random state is reset.
-        seed: Non-negative integer.
-
-    Returns:
-        A new dict with the same keys, shapes and dtypes as ``pair``.
-    """
-    ref_seed, query_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    out = dict(pair)
-    out["ref_image"], out["ref_masks"] = _apply_view(
-        ref_aug, pair["ref_image"], pair["ref_masks"], ref_seed
-    )
-    out["query_image"], out["query_masks"] = _apply_view(
-        query_aug, pair["query_image"], pair["query_masks"], query_seed
-    )
-    return out

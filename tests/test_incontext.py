@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, RandFlipd, RandRotate90d
 
 from omnienc.encoders import Encoder, build_encoder
+from omnienc.pretext.augment import PARAM_KEYS, augment_sample, draw_view_params
 from omnienc.pretext.incontext import (
     HeadConfig,
     InContextHead,
@@ -17,13 +17,7 @@ from omnienc.pretext.incontext import (
     incontext_loss,
     sinusoidal_position_encoding_3d,
 )
-from omnienc.pretext.pairs import (
-    PairConfig,
-    augment_pair,
-    build_query_augment,
-    build_reference_augment,
-    sample_pair,
-)
+from omnienc.pretext.pairs import PairConfig, sample_pair
 
 TINY_HEAD = HeadConfig(dim=16, num_learned_tokens=2, depth=2, num_heads=2, mlp_ratio=1.0)
 ENCODERS = {
@@ -241,44 +235,59 @@ def pair() -> dict[str, np.ndarray]:
     return sample_pair(image, masks, cfg, np.random.default_rng(0))
 
 
+def _views(pair: dict[str, np.ndarray], seed: int, **fixed: object) -> dict[str, np.ndarray]:
+    """The views of ``pair`` drawn from ``seed`` (some parameters forced), as numpy arrays."""
+    params = draw_view_params(np.random.default_rng(seed), pair["query_image"].shape[1:])
+    params.update({k: np.asarray(v) for k, v in fixed.items()})
+    sample = {k: torch.from_numpy(np.asarray(v)) for k, v in {**pair, **params}.items()}
+    return {k: v.numpy() for k, v in augment_sample(sample).items()}
+
+
 def test_augment_is_reproducible(pair):
-    ref_aug, query_aug = build_reference_augment(), build_query_augment((32, 32, 32))
-    a = augment_pair(pair, ref_aug, query_aug, seed=7)
-    augment_pair(pair, ref_aug, query_aug, seed=8)  # state left behind must not matter
-    b = augment_pair(pair, build_reference_augment(), build_query_augment((32, 32, 32)), seed=7)
-    assert set(a) == set(pair)
+    a, b = _views(pair, 7), _views(pair, 7)
+    assert set(a) == set(pair)  # no parameter keys left
+    assert not set(a) & set(PARAM_KEYS)
     for k in a:
         assert a[k].shape == pair[k].shape and a[k].dtype == pair[k].dtype, k
         np.testing.assert_array_equal(a[k], b[k])
-    outs = [augment_pair(pair, ref_aug, query_aug, seed=s)["query_image"] for s in range(4)]
+    outs = [_views(pair, s)["query_image"] for s in range(4)]
     assert any(not np.array_equal(outs[0], o) for o in outs[1:])
     np.testing.assert_array_equal(a["ref_masks"], pair["ref_masks"])  # weak view: no geometry
 
 
 def test_query_view_moves_image_and_masks_together(pair):
-    spatial = Compose(
-        [t for t in build_query_augment().transforms if isinstance(t, RandFlipd | RandRotate90d)]
-    )
-    assert len(spatial.transforms) == 4
     marked = dict(pair)
     marked["query_image"] = pair["query_masks"][:1].copy()
-    for seed in range(6):
-        out = augment_pair(marked, build_reference_augment(), spatial, seed)
+    spatial_only = {
+        "aug_scale": 1.0,
+        "aug_shift": 0.0,
+        "aug_gamma": 1.0,
+        "aug_noise_std": 0.0,
+        "aug_sigma": np.zeros(3, np.float32),
+    }
+    turned = 0
+    for seed in range(8):
+        out = _views(marked, seed, **spatial_only)
         np.testing.assert_array_equal(out["query_image"][0], out["query_masks"][0])
         assert out["query_masks"].sum() == pair["query_masks"].sum()
+        turned += not np.array_equal(out["query_masks"], pair["query_masks"])
+    assert turned > 0
 
 
 def test_query_view_keeps_non_cubic_shape():
     rng = np.random.default_rng(0)
-    data = {
-        "image": torch.from_numpy(rng.random((1, 32, 16, 24), dtype=np.float32)),
-        "masks": torch.zeros(3, 32, 16, 24),
+    sample = {
+        "ref_image": rng.random((1, 32, 16, 24), dtype=np.float32),
+        "query_image": rng.random((1, 32, 16, 24), dtype=np.float32),
+        "ref_masks": np.zeros((3, 32, 16, 24), np.float32),
+        "query_masks": np.zeros((3, 32, 16, 24), np.float32),
+        "task_valid": np.ones(3, bool),
     }
-    aug = build_query_augment((32, 16, 24))
-    assert not any(isinstance(t, RandRotate90d) for t in aug.transforms)
     for seed in range(5):
-        aug.set_random_state(seed)
-        assert tuple(aug(data)["masks"].shape) == (3, 32, 16, 24)
+        params = draw_view_params(np.random.default_rng(seed), (32, 16, 24))
+        assert int(params["aug_rot90"]) == 0  # no rotation of a non-square axial plane
+        out = _views(sample, seed)
+        assert out["query_masks"].shape == (3, 32, 16, 24)
 
 
 # --- head ----------------------------------------------------------------------------------
