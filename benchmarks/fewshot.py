@@ -1,181 +1,272 @@
-"""Few-shot in-context segmentation Dice: support from one volume, query from another.
+"""``omnienc bench fewshot``: few-shot in-context segmentation, the pretrained head vs baselines.
 
-    python -m omnienc.benchmarks.fewshot --checkpoint checkpoints/omnienc-cpu30 \\
-        --out benchmarks/results/fewshot
+    python -m omnienc.benchmarks.fewshot --encoder checkpoints/omnienc-cpu30min \\
+        --out benchmarks/results/bench/fewshot
 
-Support: ``totalsegmentator/example_ct_sm.nii.gz`` with ``example_seg.nii.gz``. Query: the
-20-slice DICOM CT series ``totalsegmentator/example_ct_dicom`` (another patient and scanner) with
-``example_seg_dicom.nii.gz``. Every TotalSegmentator structure with at least ``--min-voxels``
-voxels in both label maps is segmented in the query from the support alone, and scored by Dice on
-the query's native grid. Three methods run through the same code:
+Every ordered pair of two labelled scans of one modality, body region (and MR sequence) from
+two subjects (:mod:`omnienc.benchmarks.fewshot_pairs`: the abdominal CTs, the BraTS cases on
+FLAIR and on T1c, the pyradiomics brain lesions), on every structure both hold with at least
+``--min-voxels`` native voxels: the support's mask segments the query, Dice on the query's
+native grid. Two diagnostics run on each support scan: *identity* (the scan is its own query)
+and *intra-scan* (the scan cut across the structure: the support is one half, the query the
+other). ``--shots k`` gives each query k supports from k scans where the group has them. All
+methods share the plan, the masks and the Dice:
 
-* the pretrained encoder + in-context head of the checkpoint;
-* a random-init encoder + head of the same shape (the floor);
-* an intensity prototype: query voxels within ``k`` standard deviations of the support
-  structure's mean preprocessed intensity, largest connected component (no learning).
+* ``head``: the checkpoint's encoder + in-context head (MASS, https://arxiv.org/abs/2603.13660),
+  as :func:`omnienc.pretext.segment.segment_fewshot` runs it; k supports average their maps;
+* ``head_random``: a random-init encoder and head of the same shape (the floor);
+* ``prototype`` / ``prototype_random``: frozen-feature prototype matching
+  (:mod:`omnienc.adapters.prototype`) with the checkpoint's / the random-init encoder;
+* ``intensity``: the support's intensity window, largest component;
+* ``registration``: SimpleITK affine + demons atlas registration
+  (:mod:`omnienc.benchmarks.registration`); k atlases by majority vote.
+
+Each scan is read and preprocessed once, each query's windows encoded once per encoder, each
+support's reference once, and each (support, query) registration once for all structures.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import platform
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from scipy import ndimage
-
-from omnienc.checkpoint import load_encoder
-from omnienc.data.labeled import read_label_map
+from omnienc.atomic import write_bytes_atomic
+from omnienc.benchmarks.classification import machine_facts
+from omnienc.benchmarks.fewshot_pairs import (
+    CATALOGUE,
+    EXCLUDED,
+    LabelledScan,
+    cross_queries,
+    in_quick_subset,
+    scans_by_key,
+)
+from omnienc.benchmarks.fewshot_report import format_fewshot_markdown, summarize, summary_metrics
+from omnienc.benchmarks.fewshot_rows import FewshotRun
+from omnienc.benchmarks.fewshot_scans import read_scan, scan_files
+from omnienc.benchmarks.fewshot_setup import (
+    DEFAULT_MIN_VOXELS,
+    DEFAULT_OVERLAP,
+    METHODS,
+    Settings,
+    build_roles,
+    method_descriptions,
+)
+from omnienc.benchmarks.registration import QUICK_REGISTRATION, RegistrationConfig, describe
+from omnienc.checkpoint import file_sha256
 from omnienc.data.root import resolve_data_root
-from omnienc.encoders import random_like
-from omnienc.io import read_volume
-from omnienc.preprocessing import Preprocessing
-from omnienc.pretext.incontext import build_incontext_head
-from omnienc.pretext.segment import load_incontext_head, resample_to_grid, segment_fewshot
-from omnienc.transforms import preprocess_volume
 
-SUPPORT = ("totalsegmentator/example_ct_sm.nii.gz", "totalsegmentator/example_seg.nii.gz")
-QUERY = ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays (1.0 when both are empty)."""
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
+__all__ = [
+    "METHODS",
+    "add_fewshot_arguments",
+    "format_fewshot_markdown",
+    "main",
+    "run_fewshot",
+    "summary_metrics",
+    "write_fewshot",
+]
+DEFAULT_OUT = Path("benchmarks/results/bench/fewshot")
+SHIPPED_CHECKPOINT = Path("checkpoints/omnienc-cpu30min")
 
 
-def intensity_prototype(
-    support: Any, support_mask: np.ndarray, query: Any, pre: Preprocessing, k: float = 1.5
-) -> np.ndarray:
-    """The no-learning baseline: intensity window of the support structure, largest component.
+def _plan(
+    catalogue: Sequence[LabelledScan], shots: int, quick: bool
+) -> list[tuple[tuple[str, ...], str]]:
+    """The (supports, query) scan sets to run (``quick``: those of the fixed subset)."""
+    scans = scans_by_key(catalogue)
+    sets = cross_queries(catalogue, shots)
+    if not quick:
+        return sets
+    return [
+        (sup, q)
+        for sup, q in sets
+        if any(in_quick_subset(scans[q].group, sup, q, st.name) for st in scans[q].structures)
+    ]
+
+
+def run_fewshot(
+    encoder_spec: str,
+    data_root: Path | None,
+    *,
+    shots: int = 1,
+    quick: bool = False,
+    methods: Sequence[str] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    min_voxels: int = DEFAULT_MIN_VOXELS,
+    catalogue: Sequence[LabelledScan] = CATALOGUE,
+    registration: RegistrationConfig | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+) -> dict[str, Any]:
+    """Run the few-shot benchmark; return the JSON-able payload.
+
+    Args:
+        encoder_spec: An exported checkpoint folder, or ``random:ARCH[:SEED]`` (no head: only
+            the prototype matcher of that encoder and the encoder-free methods run).
+        data_root: The shared data folder (``None``: :func:`~omnienc.data.root.resolve_data_root`).
+        shots: Supports per query (up to the scans a group has).
+        quick: The fixed subset (both CT directions, four BraTS FLAIR whole-tumour pairs, the
+            brain lesions) with a cheaper registration.
+        methods: Subset of :data:`METHODS` (default: all that the encoder allows).
+        progress: Print one line per finished query.
+        seed: Seed of the random-init floor (and of a ``random:ARCH`` spec without one).
+        min_voxels: Native voxels a structure needs in every scan of a query.
+        catalogue: The labelled scans (default :data:`~.fewshot_pairs.CATALOGUE`).
+        registration: Registration settings (default: :class:`RegistrationConfig`, or
+            :data:`QUICK_REGISTRATION` with ``quick``).
+        overlap: Sliding-window overlap of the encoder methods (see ``DEFAULT_OVERLAP``).
 
     Returns:
-        ``(X, Y, Z)`` bool on the query's native grid.
+        ``{"encoder", "floor", "settings", "methods", "skipped_methods", "rows", "summary",
+        "seconds_per_query", "seconds", "stages", "data_files", "checkpoint_files", "catalogue",
+        "excluded", "machine", ...}``.
+
+    Raises:
+        CheckpointError: The checkpoint is missing or unreadable.
+        ValueError: Unknown method or architecture, or ``shots < 1``.
+        DataError, VolumeReadError: A catalogued file is missing, unreadable or inconsistent.
     """
-    # The query is not cropped, as in omnienc.pretext.segment: predictions map back to its grid.
-    pre = dataclasses.replace(pre, crop_foreground=False, spatial_size=None)
-    s = preprocess_volume(support, pre, label=support_mask.astype(np.int64))
-    values = s["image"][0][s["label"][0] > 0]
-    mu, sigma = float(values.mean()), float(values.std())
-    q = preprocess_volume(query, pre)
-    cand = np.abs(q["image"][0] - mu) <= k * max(sigma, 1e-3)
-    lab, n = ndimage.label(cand)
-    if n == 0:
-        return np.zeros(query.shape, bool)
-    sizes = ndimage.sum(cand, lab, index=np.arange(1, n + 1))
-    keep = (lab == 1 + int(np.argmax(sizes))).astype(np.float32)
-    back = resample_to_grid(keep, q["affine"], query.shape, query.affine, order=0)
-    return np.asarray(back) > 0.5
+    start = time.perf_counter()
+    requested = list(METHODS if methods is None else methods)
+    unknown = sorted(set(requested) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown few-shot methods {unknown}; known: {', '.join(METHODS)}")
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    roles = build_roles(encoder_spec, seed, overlap)
+    skipped = {m: roles.unavailable[m] for m in requested if m in roles.unavailable}
+    run_methods = [m for m in METHODS if m in requested and m not in skipped]
+    reg = registration or (QUICK_REGISTRATION if quick else RegistrationConfig())
+    settings = Settings(shots, quick, min_voxels, roles.crop_size, overlap, reg)
+    volumes = resolve_data_root(data_root) / "volumes"
 
+    plan = _plan(catalogue, shots, quick)
+    scans = scans_by_key(catalogue)
+    keys = [s.key for s in catalogue if any(s.key in (*sup, q) for sup, q in plan)]
+    prepared = {k: read_scan(scans[k], volumes, roles.preprocessing) for k in keys}
+    read_seconds = time.perf_counter() - start
+    bench = FewshotRun(prepared, roles, run_methods, settings, log=print if progress else None)
+    bench.plan(plan, quick)
+    bench.run()
 
-def run(checkpoint: Path, data_root: Path, min_voxels: int, seed: int) -> dict[str, Any]:
-    """Dice per structure and method."""
-    vol = data_root / "volumes"
-    support = read_volume(vol / SUPPORT[0])
-    support_lab = read_label_map(vol / SUPPORT[1]).array.astype(np.int64)
-    query = read_volume(vol / QUERY[0])
-    query_lab = read_label_map(vol / QUERY[1]).array.astype(np.int64)
-    encoder, pre = load_encoder(checkpoint)
-    head, meta = load_incontext_head(checkpoint, encoder)
-    crop = tuple(meta.get("crop_size", (64, 64, 64)))
-    rnd_encoder = random_like(encoder, seed).eval()
-    rnd_head = build_incontext_head(rnd_encoder.feature_info, meta["incontext_head"]).eval()
-    ids_s, n_s = np.unique(support_lab, return_counts=True)
-    ids_q, n_q = np.unique(query_lab, return_counts=True)
-    count_s, count_q = dict(zip(ids_s, n_s, strict=True)), dict(zip(ids_q, n_q, strict=True))
-    labels = sorted(
-        int(i)
-        for i in set(count_s) & set(count_q)
-        if i > 0 and count_s[i] >= min_voxels and count_q[i] >= min_voxels
-    )
-    rows = []
-    for label in labels:
-        s_mask = support_lab == label
-        truth = query_lab == label
-        row: dict[str, Any] = {
-            "label": label,
-            "support_voxels": int(s_mask.sum()),
-            "query_voxels": int(truth.sum()),
-        }
-        for name, (enc, hd) in {
-            "pretrained": (encoder, head),
-            "random-init": (rnd_encoder, rnd_head),
-        }.items():
-            start = time.perf_counter()
-            _, pred = segment_fewshot(enc, hd, pre, support, s_mask, query, crop_size=crop)
-            row[name] = dice(pred, truth)
-            row[f"{name}_s"] = time.perf_counter() - start
-        row["intensity"] = dice(intensity_prototype(support, s_mask, query, pre), truth)
-        rows.append(row)
-        print(
-            f"label {label:3d}: "
-            + ", ".join(f"{m} {row[m]:.3f}" for m in ("pretrained", "random-init", "intensity")),
-            flush=True,
-        )
-    means = {
-        m: float(np.mean([r[m] for r in rows])) if rows else float("nan")
-        for m in ("pretrained", "random-init", "intensity")
+    data_files = {
+        str(p.relative_to(volumes)): file_sha256(p)
+        for k in keys
+        for p in scan_files(scans[k], volumes)
     }
-    return {"checkpoint": str(checkpoint), "crop_size": list(crop), "rows": rows, "mean": means}
+    rows = bench.rows()
+    payload: dict[str, Any] = {
+        "benchmark": "fewshot",
+        "encoder": roles.info,
+        "floor": roles.floor,
+        "settings": {
+            **settings.to_dict(),
+            "registration_text": describe(reg),
+            "seed": seed,
+        },
+        "methods": run_methods,
+        "method_descriptions": method_descriptions(run_methods, settings),
+        "skipped_methods": skipped,
+        "rows": rows,
+        "summary": summarize(rows, run_methods),
+        "seconds_per_query": bench.seconds_per_query(),
+        "stages": {"read": round(read_seconds, 1), **bench.stage_seconds},
+        "seconds": round(time.perf_counter() - start, 1),
+        "data_files": data_files,
+        "checkpoint_files": roles.checkpoint_files,
+        "catalogue": [
+            {
+                f: getattr(s, f)
+                for f in ("key", "image", "labels", "modality", "region", "group", "subject")
+            }
+            for s in catalogue
+            if s.key in keys
+        ],
+        "excluded": [list(e) for e in EXCLUDED],
+        "machine": machine_facts(),
+    }
+    return payload
 
 
-def to_markdown(result: dict[str, Any], command: str) -> str:
-    """The results table with its command."""
-    lines = [
-        "# Few-shot in-context segmentation (support and query from different CT volumes)",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "",
-        f"Checkpoint: `{result['checkpoint']}`; crop {result['crop_size']}. Support: "
-        f"`{SUPPORT[0]}` + `{SUPPORT[1]}`; query: `{QUERY[0]}` (DICOM) + `{QUERY[1]}`. "
-        "Dice on the query's native grid, one run per structure (TotalSegmentator class id). "
-        "*random-init*: encoder and head of the same shape, untrained. *intensity*: support "
-        "mean +- 1.5 SD of the preprocessed intensity, largest component.",
-        "",
-        "| label | support voxels | query voxels | pretrained | random-init | intensity |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['label']} | {r['support_voxels']} | {r['query_voxels']} | "
-            f"{r['pretrained']:.3f} | {r['random-init']:.3f} | {r['intensity']:.3f} |"
-        )
-    m = result["mean"]
-    lines.append(
-        f"| **mean** ({len(result['rows'])}) | | | **{m['pretrained']:.3f}** | "
-        f"{m['random-init']:.3f} | {m['intensity']:.3f} |"
+def write_fewshot(payload: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write ``OUT.json`` and ``OUT.md`` atomically; return both paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = write_bytes_atomic(
+        out.with_suffix(".json"), (json.dumps(payload, indent=2) + "\n").encode()
     )
-    return "\n".join(lines) + "\n"
+    md_path = write_bytes_atomic(out.with_suffix(".md"), format_fewshot_markdown(payload).encode())
+    return json_path, md_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of the benchmark."""
-    import sys
-
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the benchmark's flags on ``parser`` (``omnienc bench fewshot`` and this module)."""
+    parser.add_argument(
+        "--encoder",
+        metavar="CKPT",
+        help=f"exported encoder folder, or random:ARCH[:SEED] (default: {SHIPPED_CHECKPOINT})",
     )
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--data", type=Path)
-    p.add_argument("--min-voxels", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/fewshot"))
-    args = p.parse_args(argv)
-    result = run(args.checkpoint, resolve_data_root(args.data), args.min_voxels, args.seed)
-    command = "python -m omnienc.benchmarks.fewshot " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=1,
+        help="supports per query, from different scans (BraTS: <= 3)",
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(to_markdown(result, command))
-    print(to_markdown(result, command))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fixed subset (CT both ways, 4 BraTS FLAIR whole-tumour pairs, brain lesions), "
+        "cheaper registration",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="subset of the methods (default: all)"
+    )
+    parser.add_argument(
+        "--min-voxels",
+        type=int,
+        default=DEFAULT_MIN_VOXELS,
+        help="native voxels a structure needs in every scan of a query "
+        f"(default {DEFAULT_MIN_VOXELS})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output path without suffix ({DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--data", type=Path, help="data root (default $OMNIENC_DATA or ../shared/data)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-query lines")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init floor")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m omnienc.benchmarks.fewshot``: run, write JSON + Markdown, print the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m omnienc.benchmarks.fewshot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_fewshot_arguments(parser)
+    args = parser.parse_args(argv)
+    encoder = args.encoder or str(SHIPPED_CHECKPOINT)
+    payload = run_fewshot(
+        encoder,
+        args.data,
+        shots=args.shots,
+        quick=args.quick,
+        methods=args.methods,
+        progress=not args.quiet,
+        seed=args.seed,
+        min_voxels=args.min_voxels,
+    )
+    words = list(sys.argv[1:] if argv is None else argv)
+    payload["command"] = " ".join(["python -m omnienc.benchmarks.fewshot", *words])
+    json_path, md_path = write_fewshot(payload, args.out)
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
