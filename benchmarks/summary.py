@@ -1,12 +1,11 @@
-"""One table per encoder across the evaluation suite, and the noise rule that ranks recipes.
+"""Scores of the evaluation suite, one table per encoder, and the noise rule that ranks recipes.
 
-``omnienc bench summary --encoder CKPT [CKPT ...] [--quick]`` runs every task of the suite on
-each encoder beside a random-init encoder of the same shape, and reports per task the metric,
-the floor, the gain over the floor and the *normalised gain* ``(metric - floor) / (1 - floor)``
-(the share of the distance from the floor to a perfect score that pretraining covered), and one
-number per encoder: the mean normalised gain over the tasks. Given several encoders of one
-recipe (pretraining seeds), it also reports the SD of every metric and of the summary across
-them, and the smallest difference the suite can call (:func:`callable_difference`).
+Per task: the metric, the random-init floor, the gain over the floor and the *normalised gain*
+``(metric - floor) / (1 - floor)`` (the share of the distance from the floor to a perfect score
+that pretraining covered); per encoder one number, the mean normalised gain over the tasks.
+Across several encoders of one recipe (pretraining seeds): the SD of every metric and of the
+summary, and the smallest difference the suite can call (:func:`callable_difference`). The
+suite itself runs in :mod:`omnienc.benchmarks.suite` (``omnienc bench summary``).
 
 Tasks (each from its own benchmark module, the same code ``omnienc bench all`` runs):
 
@@ -17,17 +16,14 @@ Tasks (each from its own benchmark module, the same code ``omnienc bench all`` r
 * BraTS tumour vs tumour-free crops, leave-one-case-out linear probe (:mod:`.brats_classify`);
 * BraTS label efficiency of the frozen decoder (:mod:`.brats_labeleff`).
 
-``quick=True`` shrinks every task to its quick mode (the recipe comparison in under 10 minutes
-on 2 CPU cores); the full mode is what ``omnienc bench all`` reports.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,165 +145,6 @@ def scores_from_pairs(metrics: dict[str, float], labels: dict[str, str]) -> list
     return out
 
 
-# ------------------------------------------------------------------------------ the suite
-
-
-@dataclass(frozen=True)
-class SuitePlan:
-    """How much of each task to run.
-
-    Attributes:
-        quick: Each task's quick mode.
-        seg_steps: Steps of the CT segmentation decoder.
-        seg_seeds: Its seeds.
-        medmnist: ``(flag, size)`` of the linear-probe tasks.
-    """
-
-    quick: bool = False
-    seg_steps: int = 300
-    seg_seeds: tuple[int, ...] = (0, 1)
-    medmnist: tuple[tuple[str, int], ...] = (
-        ("adrenalmnist3d", 28),
-        ("breastmnist", 28),
-        ("retinamnist", 28),
-    )
-
-    @classmethod
-    def for_mode(cls, quick: bool) -> SuitePlan:
-        return cls(quick=True, seg_steps=150, seg_seeds=(0,)) if quick else cls()
-
-
-def run_suite(
-    encoder_spec: str,
-    data_root: Path | None = None,
-    *,
-    plan: SuitePlan | None = None,
-    cache_dir: Path | None = None,
-    progress: bool = False,
-    log: Callable[[str], Any] = print,
-) -> dict[str, Any]:
-    """Every task of the suite for one encoder; returns the payload with its scores.
-
-    Args:
-        encoder_spec: Exported checkpoint folder (``random:ARCH[:SEED]`` for a floor alone).
-        data_root: The data root (default: :func:`omnienc.data.root.resolve_data_root`).
-        plan: What to run (default: the full suite).
-        cache_dir: Feature cache of the MedMNIST probes.
-        progress: Progress bars.
-        log: One line per finished task.
-    """
-    from omnienc.benchmarks import brats_classify, brats_labeleff, fewshot
-    from omnienc.benchmarks.classification import run_classification
-    from omnienc.benchmarks.segmentation import run_segmentation_suite
-    from omnienc.data.root import resolve_data_root
-
-    plan = plan or SuitePlan()
-    root = resolve_data_root(data_root)
-    start = time.perf_counter()
-    scores: list[SuiteScore] = []
-    seconds: dict[str, float] = {}
-
-    def timed(name: str, job: Callable[[], list[SuiteScore]]) -> None:
-        t0 = time.perf_counter()
-        new = job()
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        scores.extend(new)
-        for s in new:
-            log(f"summary | {encoder_spec} | {s.task}: {s.value:.3f} (floor {s.floor})")
-
-    for flag, size in plan.medmnist:
-        timed(
-            f"{flag}_{size}",
-            lambda flag=flag, size=size: scores_from_classification(  # type: ignore[misc]
-                run_classification(
-                    flag,
-                    size,
-                    encoder_spec,
-                    medmnist_root=root / "medmnist",
-                    fractions=(1.0,),
-                    methods=("linear",),
-                    cache_dir=cache_dir,
-                    progress=progress,
-                    log=lambda _line: None,
-                )
-            ),
-        )
-    timed(
-        "ct_segmentation",
-        lambda: scores_from_segmentation(
-            run_segmentation_suite(
-                encoder_spec,
-                seeds=plan.seg_seeds,
-                steps=plan.seg_steps,
-                fine_tune=False,
-                data_root=root,
-                progress=progress,
-                log=lambda _line: None,
-            )
-        ),
-    )
-    timed(
-        "fewshot",
-        lambda: fewshot_scores(
-            fewshot.run_fewshot(encoder_spec, root, quick=plan.quick, progress=progress)
-        ),
-    )
-    timed(
-        "brats_classify",
-        lambda: brats_classify_scores(
-            brats_classify.run_brats_classification(
-                encoder_spec, root, quick=plan.quick, progress=progress
-            )
-        ),
-    )
-    timed(
-        "brats_labeleff",
-        lambda: brats_labeleff_scores(
-            brats_labeleff.run_brats_label_efficiency(
-                encoder_spec,
-                root,
-                quick=True,  # the frozen decoders; the end-to-end rows are bench all's
-                progress=progress,
-            )
-        ),
-    )
-    return {
-        "encoder": encoder_spec,
-        "plan": asdict(plan),
-        "scores": [asdict(s) for s in scores],
-        "mean_normalised_gain": mean_normalised_gain(scores),
-        "seconds": seconds,
-        "total_seconds": round(time.perf_counter() - start, 1),
-    }
-
-
-def fewshot_scores(payload: dict[str, Any]) -> list[SuiteScore]:
-    """Suite scores of a few-shot payload (see :func:`.fewshot.summary_metrics`)."""
-    from omnienc.benchmarks.fewshot import summary_metrics
-
-    return scores_from_pairs(summary_metrics(payload), FEWSHOT_LABELS)
-
-
-def brats_classify_scores(payload: dict[str, Any]) -> list[SuiteScore]:
-    """Suite scores of a BraTS classification payload."""
-    from omnienc.benchmarks.brats_classify import summary_metrics
-
-    return scores_from_pairs(summary_metrics(payload), BRATS_CLASSIFY_LABELS)
-
-
-def brats_labeleff_scores(payload: dict[str, Any]) -> list[SuiteScore]:
-    """Suite scores of a BraTS label-efficiency payload."""
-    from omnienc.benchmarks.brats_labeleff import summary_metrics
-
-    return scores_from_pairs(summary_metrics(payload), BRATS_LABELEFF_LABELS)
-
-
-# Filled in from each benchmark's summary_metrics keys.
-FEWSHOT_LABELS: dict[str, str] = {}
-BRATS_CLASSIFY_LABELS: dict[str, str] = {}
-BRATS_LABELEFF_LABELS: dict[str, str] = {}
-
-
 # ---------------------------------------------------------------------- across encoders
 
 
@@ -406,7 +243,7 @@ def format_summary_markdown(payloads: Sequence[dict[str, Any]], command: str) ->
 def write_summary(payloads: Sequence[dict[str, Any]], out: Path, command: str) -> tuple[Path, Path]:
     """Write ``out.json`` (payloads, aggregate, command) and ``out.md``; atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    body = {"command": command, "encoders": list(payloads)}
+    body: dict[str, Any] = {"command": command, "encoders": list(payloads)}
     if len(payloads) > 1:
         body["aggregate"] = aggregate(payloads)
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")

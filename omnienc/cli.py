@@ -526,12 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(
         dest="bench_command",
         required=True,
-        metavar="{classification,segmentation,all,medsegbench}",
+        metavar="{classification,segmentation,all,medsegbench," + ",".join(BENCH_JOBS) + "}",
     )
+    for name, (_, text) in BENCH_JOBS.items():
+        # Parsed by the job's own main (see `main`); listed here for `omnienc bench --help`.
+        bench.add_parser(name, help=text, add_help=False)
     for name, text in (
         ("classification", "one MedMNIST set"),
         ("segmentation", "decoder on one labelled CT, Dice on another"),
-        ("all", "MedMNIST sets here (AdrenalMNIST3D 28 and 64, BreastMNIST 28) + segmentation"),
+        (
+            "all",
+            "everything here: MedMNIST sets (AdrenalMNIST3D 28 and 64, BreastMNIST 28, "
+            "RetinaMNIST 28), CT segmentation, few-shot, BraTS classification and label "
+            "efficiency, and the suite summary",
+        ),
     ):
         b = bench.add_parser(name, help=text, description=f"Benchmark: {text}.")
         b.add_argument(
@@ -756,8 +764,29 @@ BENCH_ALL = (
     ("adrenalmnist3d", 28, None, None),
     ("breastmnist", 28, None, None),
     ("adrenalmnist3d", 64, ("linear", "knn"), (1.0,)),
+    # RetinaMNIST (multi-class): the frozen probes only, at every fraction (1.5 min).
+    ("retinamnist", 28, ("linear", "knn", "attention"), None),
 )
 SHIPPED_CHECKPOINT = Path("checkpoints/omnienc-cpu30min")
+# Benchmarks that own their command line: `omnienc bench NAME ARGS...` runs MODULE.main(ARGS).
+BENCH_JOBS = {
+    "fewshot": (
+        "omnienc.benchmarks.fewshot",
+        "few-shot in-context segmentation across scans, beside registration and prototypes",
+    ),
+    "brats-classify": (
+        "omnienc.benchmarks.brats_classify",
+        "BraTS tumour vs tumour-free crops, leave-one-case-out frozen probe",
+    ),
+    "brats-labeleff": (
+        "omnienc.benchmarks.brats_labeleff",
+        "BraTS segmentation decoder from 1, 2 and 3 labelled cases",
+    ),
+    "summary": (
+        "omnienc.benchmarks.suite",
+        "the suite on one or more encoders: one table each, seed spread, the noise rule",
+    ),
+}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -827,12 +856,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         payload["machine"] = machine
         payloads.append(payload)
-    json_path, md_path = write_results(
-        payloads, args.out or default_out, command_line(args.argv), segmentation
-    )
+    out = args.out or default_out
+    json_path, md_path = write_results(payloads, out, command_line(args.argv), segmentation)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
+    if args.bench_command == "all":
+        _bench_all_rest(args, encoder, payloads, segmentation, out)
     return 0
+
+
+def _bench_all_rest(
+    args: argparse.Namespace,
+    encoder: str,
+    payloads: list[Any],
+    segmentation: Any,
+    out: Path,
+) -> None:
+    """``bench all`` after the MedMNIST and CT jobs: few-shot, BraTS, and the suite summary.
+
+    Each job writes its own results beside ``out`` (``fewshot``, ``brats_classify``,
+    ``brats_labeleff``), and the summary of them all goes to ``OUT_summary.{json,md}``.
+    """
+    import time
+
+    from omnienc.benchmarks import brats_classify, brats_labeleff, fewshot
+    from omnienc.benchmarks.classification import command_line
+    from omnienc.benchmarks.suite import summary_of_bench_all
+    from omnienc.benchmarks.summary import write_summary
+
+    start = time.perf_counter()
+    command = command_line(args.argv)
+    progress = not args.quiet
+    few = fewshot.run_fewshot(encoder, args.data, progress=progress)
+    few["command"] = command
+    fewshot.write_fewshot(few, out.parent / "fewshot")
+    cls = brats_classify.run_brats_classification(
+        encoder, args.data, progress=progress, command=command
+    )
+    brats_classify.write_brats_classification(cls, out.parent / "brats_classify")
+    eff = brats_labeleff.run_brats_label_efficiency(
+        encoder, args.data, progress=progress, command=command
+    )
+    brats_labeleff.write_brats_label_efficiency(eff, out.parent / "brats_labeleff")
+    seconds = sum(float(p.get("seconds", 0.0)) for p in payloads)
+    seconds += float(segmentation["seconds"]) if segmentation else 0.0
+    summary = summary_of_bench_all(
+        encoder, payloads, segmentation, few, cls, eff, seconds + time.perf_counter() - start
+    )
+    json_path, md_path = write_summary([summary], out.parent / f"{out.name}_summary", command)
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path} (and the fewshot, brats_* results beside them)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -854,6 +927,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rest = argv[2:] if debug else argv[1:]
         return _report_errors(lambda: align_main(rest), debug, "omnienc align")
+    lead = 2 if argv[:1] == ["--debug"] else 1
+    if argv[lead - 1 : lead] == ["bench"] and argv[lead : lead + 1] and argv[lead] in BENCH_JOBS:
+        # These jobs parse their own arguments, as `pretrain` does.
+        import importlib
+
+        job = importlib.import_module(BENCH_JOBS[argv[lead]][0])
+        rest = argv[lead + 1 :]
+        return _report_errors(lambda: int(job.main(rest)), lead == 2, f"omnienc bench {argv[lead]}")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # the command as typed, for results files
