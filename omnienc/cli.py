@@ -68,6 +68,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     header = ["path", "kind", "shape", "spacing (mm)", "orient.", "modality", "range"]
     rows: list[list[str]] = []
+    pairs: list[Any] = []
     failures = 0
     for spec in args.paths:
         path = Path(spec)
@@ -95,6 +96,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 )
             for source, problem in folder.skipped:
                 rows.append([source, "skipped", "-", "-", "-", "-", problem.split(": ", 1)[-1]])
+            from omnienc.data.pairing import pair_label_maps
+
+            pairs.extend(pair_label_maps(folder))
             print(folder.summary(), file=sys.stderr)
             continue
         try:
@@ -127,6 +131,12 @@ def cmd_info(args: argparse.Namespace) -> int:
             ]
         )
     print_table(header, rows)
+    if pairs:
+        print()
+        print_table(
+            ["image", "label map (same folder, same grid)"],
+            [[p.image_id, str(p.label)] for p in pairs],
+        )
     return 1 if failures else 0
 
 

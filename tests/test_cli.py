@@ -51,6 +51,20 @@ def test_info_on_a_folder_prints_its_manifest(copy_real, tmp_path: Path, capsys)
     assert "2 volumes read" in captured.err
 
 
+def test_info_on_a_folder_lists_image_label_pairs(copy_real, tmp_path: Path, capsys):
+    copy_real(
+        "pyradiomics/breast1_image.nrrd",
+        "pyradiomics/breast1_label.nrrd",
+        "nibabel/anatomical.nii",
+        dest=tmp_path / "d",
+    )
+    assert main(["info", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("label map (same folder, same grid)", 1)[1]
+    assert "breast1_image.nrrd" in table and "breast1_label.nrrd" in table
+    assert "anatomical.nii" not in table  # no label map on its grid
+
+
 def test_info_bad_file_exits_nonzero_with_message(tmp_path: Path, capsys):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"")
