@@ -1,11 +1,12 @@
 """The evaluation suite on one or more encoders: ``omnienc bench summary``.
 
-    omnienc bench summary --encoder CKPT [CKPT ...] [--quick]
+    omnienc bench summary --encoder CKPT [CKPT ...] [--compare CKPT ...] [--quick]
 
 For each encoder, every task of the suite runs beside a random-init encoder of the same shape
 (the tasks and the scores are :mod:`omnienc.benchmarks.summary`'s), and one table per encoder
 is printed and written with the aggregate across encoders (pretraining seeds of one recipe:
-the SD of every metric and of the mean normalised gain, and the smallest callable difference).
+the SD of every metric and of the mean normalised gain, and the smallest callable difference);
+each ``--compare`` encoder (another recipe) is judged against the seeds' mean by that rule.
 ``--quick`` runs each task's quick mode: the recipe comparison, under 10 minutes per encoder on
 2 CPU cores; the full mode is what ``omnienc bench all`` reports.
 """
@@ -263,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="CKPT",
         help="exported encoder folders (several: seeds of one recipe, aggregated)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="CKPT",
+        help="other encoders, each judged against the --encoder seeds by the noise rule",
+    )
     parser.add_argument("--quick", action="store_true", help="each task's quick mode")
     parser.add_argument("--data", type=Path, help="data root (default: $OMNIENC_DATA)")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/omnienc)")
@@ -282,9 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_dir=args.cache_dir or default_cache_dir(),
             progress=not args.quiet,
         )
-        for spec in args.encoder
+        for spec in [*args.encoder, *args.compare]
     ]
-    json_path, md_path = write_summary(payloads, args.out, command)
+    n = len(args.encoder)
+    json_path, md_path = write_summary(payloads[:n], args.out, command, payloads[n:])
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

@@ -192,10 +192,30 @@ def _f(x: float | None) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
-def format_summary_markdown(payloads: Sequence[dict[str, Any]], command: str) -> str:
-    """One table per encoder, then (for several) the spread across them and the noise rule."""
+def compare(payload: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One encoder's mean normalised gain against the mean of a recipe's seeds, with the rule.
+
+    Returns:
+        ``{"encoder", "difference", "callable", "verdict"}``: ``callable`` is
+        :func:`callable_difference` of the seeds' SD with 1 vs ``len(seeds)`` seeds; the verdict
+        is ``ahead``, ``behind`` or ``level within seed noise``.
+    """
+    agg = aggregate(seeds)
+    diff = float(payload["mean_normalised_gain"]) - agg["summary"]["mean"]
+    bar = callable_difference(agg["summary"]["sd"], 1, agg["n"])
+    verdict = "level within seed noise" if abs(diff) <= bar else "ahead" if diff > 0 else "behind"
+    return {"encoder": payload["encoder"], "difference": diff, "callable": bar, "verdict": verdict}
+
+
+def format_summary_markdown(
+    payloads: Sequence[dict[str, Any]],
+    command: str,
+    compared: Sequence[dict[str, Any]] = (),
+) -> str:
+    """One table per encoder, the spread across ``payloads`` (seeds of one recipe) and the noise
+    rule, then each of ``compared`` (other recipes) judged against them by that rule."""
     lines = ["# Evaluation suite summary", "", f"Command: `{command}`", ""]
-    for payload in payloads:
+    for payload in [*payloads, *compared]:
         minutes = payload["total_seconds"] / 60
         mode = "quick" if payload["plan"]["quick"] else "full"
         lines += [
@@ -234,19 +254,42 @@ def format_summary_markdown(payloads: Sequence[dict[str, Any]], command: str) ->
             f"recipes differ beyond seed noise (95%, two-sided) when their summaries differ by "
             f"more than **{agg['callable_1v1']:.3f}** with one seed each, or "
             f"**{agg['callable_3v3']:.3f}** with the mean of three seeds each "
-            f"(`omnienc.benchmarks.summary.callable_difference`).",
+            f"(`omnienc.benchmarks.summary.callable_difference`). An SD from {agg['n']} seeds is "
+            "itself uncertain: treat these bars as a first estimate.",
             "",
         ]
+        if compared:
+            lines += [
+                f"## Other encoders against the mean of these {agg['n']}",
+                "",
+                "| encoder | mean normalised gain | difference | callable (1 vs "
+                f"{agg['n']} seeds) | verdict |",
+                "|---|---:|---:|---:|---|",
+            ]
+            for other in compared:
+                c = compare(other, payloads)
+                lines.append(
+                    f"| `{c['encoder']}` | {other['mean_normalised_gain']:.3f} | "
+                    f"{c['difference']:+.3f} | {c['callable']:.3f} | {c['verdict']} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
-def write_summary(payloads: Sequence[dict[str, Any]], out: Path, command: str) -> tuple[Path, Path]:
-    """Write ``out.json`` (payloads, aggregate, command) and ``out.md``; atomically."""
+def write_summary(
+    payloads: Sequence[dict[str, Any]],
+    out: Path,
+    command: str,
+    compared: Sequence[dict[str, Any]] = (),
+) -> tuple[Path, Path]:
+    """Write ``out.json`` (payloads, aggregate, comparisons, command) and ``out.md``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     body: dict[str, Any] = {"command": command, "encoders": list(payloads)}
     if len(payloads) > 1:
         body["aggregate"] = aggregate(payloads)
+        body["compared"] = [{**c, **compare(c, payloads)} for c in compared]
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
     write_bytes_atomic(json_path, json.dumps(body, indent=2).encode())
-    write_bytes_atomic(md_path, format_summary_markdown(payloads, command).encode())
+    md = format_summary_markdown(payloads, command, compared)
+    write_bytes_atomic(md_path, md.encode())
     return json_path, md_path

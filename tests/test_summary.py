@@ -108,3 +108,18 @@ def test_scores_from_classification_and_segmentation_payloads() -> None:
     assert (d.value, d.floor) == (0.2, 0.0)
     pairs = scores_from_pairs({"x_dice": 0.4, "x_dice_floor": 0.1, "y_auc": 0.9}, {"x_dice": "x"})
     assert [(p.task, p.metric, p.floor) for p in pairs] == [("x_dice", "Dice", 0.1)]
+
+
+def test_compare_applies_the_noise_rule() -> None:
+    from omnienc.benchmarks.summary import compare
+
+    seeds = [_payload(f"s{i}", (0.7 + 0.01 * i, 0.2)) for i in range(3)]
+    agg = aggregate(seeds)
+    bar = callable_difference(agg["summary"]["sd"], 1, 3)
+    far = _payload("other", (0.9, 0.5))
+    near = _payload("near", (0.71, 0.2))
+    assert compare(far, seeds)["verdict"] == "ahead"
+    assert compare(near, seeds)["verdict"] == "level within seed noise"
+    assert compare(near, seeds)["callable"] == pytest.approx(bar)
+    md = format_summary_markdown(seeds, "cmd", [far])
+    assert "against the mean of these 3" in md and "| ahead |" in md
