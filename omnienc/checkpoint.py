@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +98,8 @@ def save_encoder(
             raise ValueError(
                 f"extra module name {name!r} must match {_EXTRA_NAME.pattern} and not be 'model'"
             )
-    _check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(path)
 
-    # os.mkdir (unlike tempfile.mkdtemp's 0700) gives the folder the permissions of the umask.
-    tmp = temp_sibling(path)
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -127,11 +121,39 @@ def save_encoder(
                 for name, module in extra.items()
             },
         }
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_text_synced(tmp / CONFIG_FILE, json.dumps(config, indent=2, allow_nan=False) + "\n")
+
+    return write_checkpoint_folder(path, fill)
+
+
+def write_text_synced(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` and fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint_folder(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a checkpoint-like folder atomically: ``fill`` writes its files into a temporary.
+
+    ``path`` must be replaceable (absent, empty, or an omnienc checkpoint); an interrupted
+    earlier save is recovered first. ``fill(tmp)`` writes (and fsyncs) the files into a fresh
+    sibling folder, which is then fsynced and swapped in for ``path``; on any failure the
+    temporary is removed and ``path`` is untouched. Used by :func:`save_encoder` and
+    :func:`omnienc.export.export_checkpoint`.
+
+    Returns:
+        ``path``.
+    """
+    _check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(path)
+    # os.mkdir (unlike tempfile.mkdtemp's 0700) gives the folder the permissions of the umask.
+    tmp = temp_sibling(path)
+    tmp.mkdir()
+    try:
+        fill(tmp)
         fsync_dir(tmp)
         _swap_in(tmp, path)
     except BaseException:

@@ -15,14 +15,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from omnienc.atomic import fsync_dir, temp_sibling
 from omnienc.checkpoint import (
     CONFIG_FILE,
-    _check_replaceable,
-    _swap_in,
     load_checkpoint_config,
     load_encoder,
-    recover_interrupted_save,
+    write_checkpoint_folder,
+    write_text_synced,
 )
 from omnienc.errors import CheckpointError
 from omnienc.hub import is_hub_id, resolve_checkpoint
@@ -89,21 +87,10 @@ def export_checkpoint(
 
     if out.resolve() == source.resolve():
         raise CheckpointError(out, "is the checkpoint itself; export to another folder")
-    _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(out)
-    tmp = temp_sibling(out)
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         for name in files:
             _copy_synced(source / name, tmp / name)
-        with open(tmp / CARD_FILE, "w", encoding="utf-8") as f:
-            f.write(card)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_text_synced(tmp / CARD_FILE, card)
+
+    return write_checkpoint_folder(out, fill)
