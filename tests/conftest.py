@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from omnienc.data.root import resolve_data_root
 from omnienc.errors import OmniencError
@@ -73,3 +75,12 @@ def medsegbench_root(tmp_path: Path) -> Path:
     folder.mkdir()
     np.savez_compressed(folder / f"busi_{size}.npz", **arrays)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ trained heads (attention pooling, MLP), and bad inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +28,8 @@ ROWS = {"train": 240, "val": 98, "test": 120}
 KEYS = {"acc", "auc", "f1", "balanced_acc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny heads train several times faster on one thread than on two busy ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny heads train several times faster on one thread than on two busy ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
