@@ -15,13 +15,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from omnienc.checkpoint import (
-    CONFIG_FILE,
-    load_checkpoint_config,
-    load_encoder,
-    write_checkpoint_folder,
-    write_text_synced,
-)
+from omnienc.checkpoint import load_checkpoint_config, load_encoder
+from omnienc.checkpoint_folder import CONFIG_FILE, write_checkpoint_folder, write_text_synced
 from omnienc.errors import CheckpointError
 from omnienc.hub import is_hub_id, resolve_checkpoint
 from omnienc.model_card import find_run_config, load_run_config, read_bench_results

@@ -28,7 +28,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
 from omnienc.atomic import atomic_target, remove_stale_temps
-from omnienc.checkpoint import recover_interrupted_save, save_encoder, state_mismatch
+from omnienc.checkpoint import save_encoder, state_mismatch
+from omnienc.checkpoint_folder import recover_interrupted_save
 from omnienc.config import trainer_config_parser
 from omnienc.errors import CheckpointError, OmniencError
 from omnienc.pretext.data import DataConfig, PretrainDataModule
@@ -282,7 +283,8 @@ def clean_interrupted_run(run_dir: Path) -> list[Path]:
     """Tidy what a killed run left in ``run_dir`` before a new run (or a resume) starts.
 
     Removes the hidden temporaries of a ``last.ckpt`` write whose process is gone, and repairs an
-    encoder export killed between its renames (:func:`omnienc.checkpoint.recover_interrupted_save`).
+    encoder export killed between its renames
+    (:func:`omnienc.checkpoint_folder.recover_interrupted_save`).
     The complete ``last.ckpt`` is never touched.
 
     Returns:

@@ -14,8 +14,7 @@ from pydicom.uid import generate_uid
 from omnienc.cli import main
 from omnienc.data.folder import VolumeFolder
 from omnienc.errors import DataError, VolumeReadError
-from omnienc.io import read_volume
-from omnienc.io_dicom import check_slice_spacing, read_dicom_header, read_dicom_slice
+from omnienc.io import check_slice_spacing, read_dicom_header, read_dicom_slice, read_volume
 from omnienc.preprocessing import Preprocessing
 
 SLICES = ["1.dcm", "2.dcm", "3.dcm"]  # dicom_slices/tcia: PET, PET, MR

@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SUBPACKAGES = [
     "omnienc",
+    "omnienc.io",
     "omnienc.data",
     "omnienc.encoders",
     "omnienc.pretext",

@@ -297,7 +297,7 @@ def single_slice_problem(header: DicomHeader) -> str:
     return (
         f"is a single 2D DICOM slice ({header.describe()}): not a 3D volume; omnienc reads a "
         "DICOM series from the folder holding its slices, or a multi-frame file "
-        "(omnienc.io_dicom.read_dicom_slice reads one slice for inspection)"
+        "(omnienc.io.dicom_header.read_dicom_slice reads one slice for inspection)"
     )
 
 
