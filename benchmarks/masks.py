@@ -355,7 +355,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def _sam2_device() -> str:
-    """Where the SAM2 provider runs (what :func:`omnienc.pretext.masks_sam2.load_sam2` picks)."""
+    """Where the SAM2 provider runs (what :func:`omnienc.pretext.masks.sam2.load_sam2` picks)."""
     import torch
 
     if torch.cuda.is_available():

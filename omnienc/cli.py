@@ -289,7 +289,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
     settings = None
     if args.config is not None:  # the run's preprocessing and mask config: its cache keys
-        from omnienc.pretext.mask_settings import read_mask_settings
+        from omnienc.pretext.masks import read_mask_settings
 
         settings = read_mask_settings(args.config)
     cache_dir = args.cache_dir or (settings.cache_dir if settings else None) or default_cache_dir()

@@ -11,8 +11,7 @@ from omnienc.cli import main
 from omnienc.data.folder import VolumeFolder
 from omnienc.errors import DataError
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext.mask_settings import read_mask_settings
-from omnienc.pretext.masks import MaskConfig, mask_cache_path
+from omnienc.pretext.masks import MaskConfig, mask_cache_path, read_mask_settings
 
 
 def _config(tmp_path: Path, data: dict) -> Path:

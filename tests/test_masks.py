@@ -12,7 +12,6 @@ from omnienc.data.folder import VolumeFolder
 from omnienc.data.labeled import LabeledVolumes
 from omnienc.errors import DataError
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext import masks as pm
 from omnienc.pretext.masks import (
     MASK_PROVIDERS,
     MaskConfig,
@@ -24,6 +23,7 @@ from omnienc.pretext.masks import (
     propose_masks,
     save_masks,
 )
+from omnienc.pretext.masks import folder as pm
 
 MR_IMAGE = "totalsegmentator/example_mr_sm.nii.gz"  # (117, 91, 20) at 3 mm
 CT_IMAGE = "totalsegmentator/example_ct_sm.nii.gz"  # (122, 101, 30) at 3 mm

@@ -1,4 +1,4 @@
-"""The SAM2 mask provider (omnienc.pretext.masks_sam2) with a tiny random-weight SAM2.
+"""The SAM2 mask provider (omnienc.pretext.masks.sam2) with a tiny random-weight SAM2.
 
 No SAM2 weights exist on the test machines: a SAM2 video checkpoint with the smallest sizes the
 architecture allows is built and saved here, so the tests check the protocol and shapes (seed
@@ -16,8 +16,8 @@ import torch
 from omnienc.errors import CheckpointError
 from omnienc.io import read_volume
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext import masks_sam2 as ms
 from omnienc.pretext.masks import MASK_PROVIDERS, MaskConfig, body_mask, propose_masks
+from omnienc.pretext.masks import sam2 as ms
 from omnienc.transforms import preprocess_volume
 
 CT_IMAGE = "totalsegmentator/example_ct_sm.nii.gz"

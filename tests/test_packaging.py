@@ -19,6 +19,7 @@ SUBPACKAGES = [
     "omnienc.data",
     "omnienc.encoders",
     "omnienc.pretext",
+    "omnienc.pretext.masks",
     "omnienc.adapters",
     "omnienc.benchmarks",
 ]

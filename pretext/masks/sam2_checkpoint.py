@@ -1,7 +1,7 @@
 """Loading SAM2 (Ravi et al., https://arxiv.org/abs/2408.00714) for the ``sam2`` mask provider.
 
 One SAM2 video checkpoint (``model_type`` ``sam2_video``, as the ``facebook/sam2.1-hiera-*``
-repositories are) gives both models that :mod:`omnienc.pretext.masks_sam2` drives: transformers'
+repositories are) gives both models that :mod:`omnienc.pretext.masks.sam2` drives: transformers'
 ``Sam2VideoModel`` and ``Sam2Model``, the latter built from the video config's image parts and
 the same weights. Nothing is downloaded unless the user names a hub id and has internet.
 """

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from omnienc.config import JsonConfig
-from omnienc.pretext.sam2_checkpoint import Sam2Models, load_sam2
+from omnienc.pretext.masks.sam2_checkpoint import Sam2Models, load_sam2
 
 if TYPE_CHECKING:
     from omnienc.pretext.masks import MaskConfig, MaskProvider
