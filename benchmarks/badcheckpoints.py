@@ -294,7 +294,7 @@ def _poisoned_cache(kind: str) -> Callable[[AttackContext, Path, Path], tuple[bo
 
 
 def _pickled_feature_file(ctx: AttackContext, work: Path, marker: Path) -> tuple[bool, str]:
-    from omnienc.adapters.features import FeatureSet
+    from omnienc.adapters.classification import FeatureSet
 
     real = FeatureSet(np.zeros((2, 4), np.float32), None, ["a", "b"], "random:x:0", "test")
     path = poison_npz(real.save(work / "features.npz"), "features", marker)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from omnienc.adapters.features import extract_features
+from omnienc.adapters.classification import extract_features
 from omnienc.benchmarks.brats_classify_report import (
     case_facts,
     data_files,

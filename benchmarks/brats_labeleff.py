@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from omnienc.adapters.features import checkpoint_id, random_checkpoint_id
+from omnienc.adapters.classification import checkpoint_id, random_checkpoint_id
 from omnienc.adapters.segmentation import SegDecoderConfig, train_segmentation
 from omnienc.benchmarks.brats_labeleff_cases import (
     CLASS_NAMES,

@@ -18,7 +18,7 @@ cases this interval reflects the crop-to-crop noise within these patients, not t
 population of patients (four cases are too few to resample).
 
 The per-crop inputs: :class:`CropItems` feeds crops to
-:func:`omnienc.adapters.features.extract_features`; :func:`intensity_features` are the
+:func:`omnienc.adapters.classification.extract_features`; :func:`intensity_features` are the
 intensity-statistics baseline's features.
 """
 
@@ -40,8 +40,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import Dataset
 
-from omnienc.adapters.finetune import Classifier
-from omnienc.adapters.probes import DEFAULT_CS
+from omnienc.adapters.classification import DEFAULT_CS, Classifier
 from omnienc.encoders.base import Encoder
 from omnienc.optim import adamw_warmup_cosine, decay_groups
 

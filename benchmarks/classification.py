@@ -35,20 +35,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnienc.adapters.features import (
+from omnienc.adapters.classification import (
     FeatureSet,
-    checkpoint_id,
-    extract_features,
-    random_checkpoint_id,
-)
-from omnienc.adapters.finetune import (
     FinetuneConfig,
+    ProbeResult,
+    checkpoint_id,
     copy_encoder,
+    extract_features,
+    knn_probe,
     label_counts,
+    linear_probe,
+    random_checkpoint_id,
     stratified_fraction,
     train_classifier,
+    train_head_probe,
 )
-from omnienc.adapters.probes import ProbeResult, knn_probe, linear_probe, train_head_probe
 from omnienc.atomic import write_bytes_atomic
 from omnienc.benchmarks.anchors import ANCHORS, CITATION
 from omnienc.benchmarks.machine import cpu_model

@@ -16,7 +16,7 @@ methods share the plan, the masks and the Dice:
   as :func:`omnienc.pretext.segment.segment_fewshot` runs it; k supports average their maps;
 * ``head_random``: a random-init encoder and head of the same shape (the floor);
 * ``prototype`` / ``prototype_random``: frozen-feature prototype matching
-  (:mod:`omnienc.adapters.prototype`) with the checkpoint's / the random-init encoder;
+  (:mod:`omnienc.adapters.segmentation.prototype`) with the checkpoint's / the random-init encoder;
 * ``intensity``: the support's intensity window, largest component;
 * ``registration``: SimpleITK affine + demons atlas registration
   (:mod:`omnienc.benchmarks.registration`); k atlases by majority vote.

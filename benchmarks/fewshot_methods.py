@@ -8,11 +8,11 @@ threshold), and :func:`score` gives Dice and the diagnostics on that grid.
 * :class:`EncoderMethods` holds one encoder (and its in-context head, if any). Its
   :meth:`~EncoderMethods.head_probabilities` is ``segment_fewshot``'s computation, split so that
   the work shared between supports and structures is done once: the query's windows are
-  encoded once (:class:`~omnienc.adapters.windows.WindowFeatures`) and every support's reference
-  features once; k supports average their probability maps. A test checks it against
+  encoded once (:class:`~omnienc.adapters.segmentation.WindowFeatures`) and every support's
+  reference features once; k supports average their probability maps. A test checks it against
   ``segment_fewshot`` itself. :meth:`~EncoderMethods.similarity` is the frozen-feature prototype
-  matcher of :mod:`omnienc.adapters.prototype` on the same windows (k supports average their
-  prototypes).
+  matcher of :mod:`omnienc.adapters.segmentation.prototype` on the same windows (k supports
+  average their prototypes).
 * :func:`intensity_mask`: the support structure's mean +- ``k`` SD of the preprocessed
   intensity, the query's largest connected component inside that window (k supports pool their
   voxels).
@@ -29,9 +29,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from omnienc.adapters.prototype import mean_prototypes, pool_prototypes
-from omnienc.adapters.prototype import window_similarity as _similarity
-from omnienc.adapters.windows import WindowFeatures, centred_crop
+from omnienc.adapters.segmentation import (
+    WindowFeatures,
+    centred_crop,
+    mean_prototypes,
+    pool_prototypes,
+)
+from omnienc.adapters.segmentation import window_similarity as _similarity
 from omnienc.encoders import Encoder
 from omnienc.pretext.incontext import InContextHead
 from omnienc.pretext.segment import resample_to_grid
@@ -171,7 +175,7 @@ class Reference:
     Attributes:
         feats: The reference crop's intermediates, ``(1, C_i, d_i, h_i, w_i)`` per scale.
         mask: ``(1, 1, S_x, S_y, S_z)`` float32 mask on the crop.
-        prototypes: ``(C_i,)`` per scale (:func:`~omnienc.adapters.prototype.pool_prototypes`).
+        prototypes: ``(C_i,)`` per scale (:func:`~omnienc.adapters.segmentation.pool_prototypes`).
         threshold: The prototype threshold chosen on the support itself (set later).
     """
 

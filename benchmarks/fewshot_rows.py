@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from omnienc.adapters.prototype import best_threshold
-from omnienc.adapters.windows import WindowFeatures
+from omnienc.adapters.segmentation import WindowFeatures, best_threshold
 from omnienc.benchmarks.fewshot_methods import (
     Reference,
     intensity_mask,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnienc.adapters.features import checkpoint_id, random_checkpoint_id
+from omnienc.adapters.classification import checkpoint_id, random_checkpoint_id
 from omnienc.benchmarks.fewshot_methods import EncoderMethods
 from omnienc.benchmarks.registration import RegistrationConfig
 from omnienc.checkpoint import file_sha256, load_checkpoint_config, load_encoder

@@ -4,7 +4,7 @@
 
 The run, all on CPU:
 
-1. Paired data with **templated** text from real labels (:mod:`omnienc.adapters.language_data`):
+1. Paired data with **templated** text from real labels (:mod:`omnienc.adapters.language`):
    AdrenalMNIST3D 28^3 (official train split / held-out test split) and 64 x 64 x 32 mm crops of
    real TotalSegmentator CT/MR volumes (training crops from three volumes, held-out crops from a
    fourth scan never seen in training).
@@ -42,23 +42,21 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from omnienc.adapters.language import (
-    DEFAULT_PROMPT,
-    AlignConfig,
-    ProjectorConfig,
-    VisionLanguageModel,
-    align,
-    load_vision_language,
-)
-from omnienc.adapters.language_data import (
     ADRENAL,
+    DEFAULT_PROMPT,
     TOTALSEG,
     TOTALSEG_TEST,
     TOTALSEG_TRAIN,
+    AlignConfig,
     PairedDataConfig,
+    ProjectorConfig,
     TokenSet,
+    VisionLanguageModel,
+    align,
     collate_tokens,
     encode_tokens,
     load_encoder_spec,
+    load_vision_language,
     paired_dataset,
     parse_adrenal_report,
     parse_crop_report,

@@ -6,10 +6,10 @@
 Inputs (from the data root): every readable volume under ``volumes/`` (whole volumes, CT / MR /
 PET / unknown as :func:`omnienc.io.read_volume` infers), one crop around every structure of at
 least ``--min-voxels`` voxels in the four image/label-map pairs of
-:data:`omnienc.adapters.structure_crops.SHARED_STRUCTURE_PAIRS`, ``--max-per-input`` items of
+:data:`omnienc.adapters.latent.crops.SHARED_STRUCTURE_PAIRS`, ``--max-per-input`` items of
 AdrenalMNIST3D 28 test and all of BreastMNIST 28 test. The checkpoint and a random-init encoder
 of the same shape (seed ``--seed``) embed the same inputs; each gets a seeded UMAP and the
-numbers of :func:`omnienc.adapters.latent_metrics.latent_metrics`. Writes ``OUT.md``,
+numbers of :func:`omnienc.adapters.latent.metrics.latent_metrics`. Writes ``OUT.md``,
 ``OUT.json`` and ``OUT/pretrained.png``, ``OUT/random-init.png``.
 """
 
@@ -23,15 +23,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from omnienc.adapters.latent import LatentOptions
-from omnienc.adapters.latent_maps import (
+from omnienc.adapters.latent import (
+    SHARED_STRUCTURE_PAIRS,
     LatentMap,
+    LatentOptions,
     build_latent_map,
     comparison_rows,
     map_encoders,
     write_latent_map,
 )
-from omnienc.adapters.structure_crops import SHARED_STRUCTURE_PAIRS
 from omnienc.atomic import write_bytes_atomic
 from omnienc.benchmarks.classification import machine_facts
 from omnienc.data.root import resolve_data_root

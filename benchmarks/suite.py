@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results path, no suffix")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    from omnienc.adapters.features import default_cache_dir
+    from omnienc.data.folder import default_cache_dir
 
     words = list(sys.argv[1:] if argv is None else argv)
     command = "omnienc bench summary " + " ".join(words)

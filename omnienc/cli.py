@@ -219,7 +219,7 @@ def _fmt_metric(result: Any, key: str) -> str:
 def cmd_probe(args: argparse.Namespace) -> int:
     """``omnienc probe CKPT --dataset FLAG``: linear probe on frozen features, with its floor."""
 
-    from omnienc.adapters.probes import run_linear_probe
+    from omnienc.adapters.classification import run_linear_probe
     from omnienc.checkpoint import load_encoder
     from omnienc.data.root import resolve_data_root
     from omnienc.encoders import random_encoder, random_like
@@ -356,9 +356,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def cmd_umap(args: argparse.Namespace) -> int:
     """``omnienc umap CKPT INPUT... -o OUT``: latent maps (PNG, HTML, CSV) and their numbers."""
-    from omnienc.adapters.latent import LatentOptions, check_inputs
-    from omnienc.adapters.latent_maps import (
+    from omnienc.adapters.latent import (
+        LatentOptions,
         build_latent_map,
+        check_inputs,
         comparison_rows,
         map_encoders,
         write_latent_map,
@@ -801,8 +802,7 @@ BENCH_JOBS = {
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``omnienc bench classification|all``: the benchmark suite -> JSON + Markdown tables."""
-    from omnienc.adapters.features import default_cache_dir
-    from omnienc.adapters.finetune import FinetuneConfig
+    from omnienc.adapters.classification import FinetuneConfig
     from omnienc.benchmarks.classification import (
         DEFAULT_FRACTIONS,
         METHODS,
@@ -812,6 +812,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_classification,
         write_results,
     )
+    from omnienc.data.folder import default_cache_dir
     from omnienc.data.root import resolve_data_root
 
     root = resolve_data_root(args.data) / "medmnist"
@@ -933,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # jsonargparse owns everything after `align`, as for `pretrain`.
         debug = argv[0] == "--debug"
         logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
-        from omnienc.adapters.language import main as align_main
+        from omnienc.adapters.language.alignment import main as align_main
 
         rest = argv[2:] if debug else argv[1:]
         return _report_errors(lambda: align_main(rest), debug, "omnienc align")

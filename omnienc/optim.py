@@ -1,7 +1,7 @@
 """The optimiser every trained part of omnienc uses: AdamW, linear warm-up, cosine decay.
 
 Pretraining (:mod:`omnienc.pretext.module`), end-to-end classification
-(:mod:`omnienc.adapters.finetune`) and the segmentation decoder
+(:mod:`omnienc.adapters.classification.finetune`) and the segmentation decoder
 (:mod:`omnienc.adapters.segmentation`) all step a ``LambdaLR`` per optimizer step with
 :func:`warmup_cosine`, over parameter groups from :func:`decay_groups`.
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from omnienc.adapters.finetune import FinetuneConfig
+from omnienc.adapters.classification import FinetuneConfig
 from omnienc.benchmarks.classification import (
     EndToEndBudget,
     format_markdown,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnienc.adapters.features import (
+from omnienc.adapters.classification import (
     FeatureSet,
     checkpoint_id,
     extract_features,

@@ -12,13 +12,14 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from omnienc.adapters.prototype import (
+from omnienc.adapters.segmentation import (
+    WindowFeatures,
     best_threshold,
+    centred_crop,
     mean_prototypes,
     pool_prototypes,
     window_similarity,
 )
-from omnienc.adapters.windows import WindowFeatures, centred_crop
 from omnienc.benchmarks.fewshot_methods import (
     EncoderMethods,
     intensity_mask,

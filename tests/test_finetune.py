@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnienc.adapters.finetune import (
+from omnienc.adapters.classification import (
     FinetuneConfig,
     copy_encoder,
     label_counts,

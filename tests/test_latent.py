@@ -25,21 +25,22 @@ from omnienc.adapters.latent import (
     MISSING,
     LatentOptions,
     LatentSet,
+    centred,
     check_inputs,
+    colouring_metrics,
     gather_latent,
+    latent_metrics,
     palette,
     parse_structures_spec,
-)
-from omnienc.adapters.latent_html import render_html, write_html
-from omnienc.adapters.latent_maps import render_png, write_csv
-from omnienc.adapters.latent_metrics import (
-    centred,
-    colouring_metrics,
-    latent_metrics,
+    render_html,
+    render_png,
+    structure_crops,
+    structure_group,
     trustworthiness_k,
     umap_layout,
+    write_csv,
+    write_html,
 )
-from omnienc.adapters.structure_crops import structure_crops, structure_group
 from omnienc.cli import main
 from omnienc.data.labelnames import TOTALSEG_CT, TOTALSEG_MR
 from omnienc.encoders import random_encoder

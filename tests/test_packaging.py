@@ -21,6 +21,10 @@ SUBPACKAGES = [
     "omnienc.pretext",
     "omnienc.pretext.masks",
     "omnienc.adapters",
+    "omnienc.adapters.classification",
+    "omnienc.adapters.language",
+    "omnienc.adapters.latent",
+    "omnienc.adapters.segmentation",
     "omnienc.benchmarks",
 ]
 

@@ -10,14 +10,16 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from omnienc.adapters.features import FeatureSet, extract_features, random_checkpoint_id
-from omnienc.adapters.probes import (
+from omnienc.adapters.classification import (
     AttentionPoolHead,
+    FeatureSet,
     MLPHead,
     bootstrap_intervals,
     classification_metrics,
+    extract_features,
     knn_probe,
     linear_probe,
+    random_checkpoint_id,
     train_head_probe,
 )
 from omnienc.data.medmnist import MedMNIST

@@ -15,15 +15,18 @@ import torch
 from medmnist.evaluator import Evaluator, getACC, getAUC
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from omnienc.adapters.features import FeatureSet, extract_features, random_checkpoint_id
-from omnienc.adapters.finetune import FinetuneConfig, train_classifier
-from omnienc.adapters.probes import (
+from omnienc.adapters.classification import (
+    FeatureSet,
+    FinetuneConfig,
     ProbeResult,
     bootstrap_intervals,
     classification_metrics,
+    extract_features,
     knn_probe,
     linear_probe,
+    random_checkpoint_id,
     task_of,
+    train_classifier,
     train_head_probe,
 )
 from omnienc.benchmarks.classification import format_markdown, run_classification

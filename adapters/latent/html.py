@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from omnienc.adapters.latent import COLOURINGS, LatentSet, palette
-from omnienc.adapters.latent_metrics import LatentMetrics
+from omnienc.adapters.latent.metrics import LatentMetrics
+from omnienc.adapters.latent.points import COLOURINGS, LatentSet, palette
 from omnienc.atomic import write_bytes_atomic
 
 _GUARD = """

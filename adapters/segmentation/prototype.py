@@ -5,7 +5,7 @@ into a class prototype and cosine matching, as in PANet, Wang et al., ICCV 2019,
 https://arxiv.org/abs/1908.06391, here with no background prototype and no training):
 
 1. :func:`support_prototypes`: the support crop (centred on its mask, see
-   :func:`~omnienc.adapters.windows.centred_crop`) goes through the frozen encoder; at every
+   :func:`~.windows.centred_crop`) goes through the frozen encoder; at every
    scale of ``forward_intermediates`` the features are averaged under the mask
    (area-downsampled to the scale, so partial voxels count by their fraction): one prototype
    per scale. Several supports are combined by averaging their prototypes
@@ -13,7 +13,7 @@ https://arxiv.org/abs/1908.06391, here with no background prototype and no train
 2. :func:`window_similarity`: a query window's cosine similarity to the prototype at every
    scale, upsampled trilinearly to the finest scale, averaged over the scales and upsampled to
    the window; windows are blended over the query by
-   :class:`~omnienc.adapters.windows.WindowFeatures`.
+   :class:`~omnienc.adapters.segmentation.windows.WindowFeatures`.
 3. :func:`best_threshold`: the threshold is the one that maximises the Dice of the support's
    own similarity map against its mask, so nothing is tuned on the query.
 """

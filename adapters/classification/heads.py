@@ -2,7 +2,7 @@
 
 :func:`train_head_probe` trains a head with Lightning for several seeds and reports the mean
 test metrics with their spread over seeds (the probes' metrics and intervals from
-:mod:`omnienc.adapters.metrics`).
+:mod:`omnienc.adapters.classification.metrics`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import EarlyStopping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from omnienc.adapters.metrics import (
+from omnienc.adapters.classification.metrics import (
     ProbeResult,
     Split,
     check_splits,

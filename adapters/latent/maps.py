@@ -21,24 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from omnienc.adapters.features import checkpoint_id, random_checkpoint_id
-from omnienc.adapters.latent import (
-    COLOURINGS,
-    MISSING,
-    UNKNOWN_MODALITY,
-    LatentOptions,
-    LatentSet,
-    gather_latent,
-    palette,
-)
-from omnienc.adapters.latent_html import write_html
-from omnienc.adapters.latent_metrics import (
+from omnienc.adapters.classification import checkpoint_id, random_checkpoint_id
+from omnienc.adapters.latent.crops import DEFAULT_CROP
+from omnienc.adapters.latent.gather import gather_latent
+from omnienc.adapters.latent.html import write_html
+from omnienc.adapters.latent.metrics import (
     ColouringMetrics,
     LatentMetrics,
     latent_metrics,
     umap_layout,
 )
-from omnienc.adapters.structure_crops import DEFAULT_CROP
+from omnienc.adapters.latent.points import (
+    COLOURINGS,
+    MISSING,
+    UNKNOWN_MODALITY,
+    LatentOptions,
+    LatentSet,
+    palette,
+)
 from omnienc.atomic import write_bytes_atomic
 from omnienc.checkpoint import load_checkpoint_config, load_encoder
 from omnienc.encoders import arch_name, random_encoder, random_like

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from omnienc.adapters.latent import COLOURINGS, MISSING, UNKNOWN_MODALITY, LatentSet
+from omnienc.adapters.latent.points import COLOURINGS, MISSING, UNKNOWN_MODALITY, LatentSet
 
 
 def centred(features: np.ndarray) -> np.ndarray:

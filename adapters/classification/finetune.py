@@ -1,7 +1,7 @@
 """End-to-end classification with labels: supervised from scratch, and fine-tuning.
 
 The two baselines of the benchmark that train the encoder itself (the probes in
-:mod:`omnienc.adapters.probes` keep it frozen):
+:mod:`omnienc.adapters.classification.probes` keep it frozen):
 
 * **supervised from scratch**: a random-init encoder of the same architecture + a linear layer,
   trained end-to-end on the labelled training split;
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from omnienc.adapters.metrics import (
+from omnienc.adapters.classification.metrics import (
     ProbeResult,
     as_targets,
     bootstrap_intervals,
@@ -83,7 +83,7 @@ class FinetuneConfig(JsonConfig):
 
 
 def _targets(labels: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Labels through :func:`~omnienc.adapters.metrics.as_targets`, and whether multi-label."""
+    """Labels through :func:`~.metrics.as_targets`, and whether multi-label."""
     y = as_targets(labels)
     return y, y.ndim == 2
 

@@ -4,7 +4,7 @@ Every probe takes ``(features, labels)`` for the train, val and test splits, pic
 on the validation split (AUC, or ACC where the validation AUC is undefined), and reports ACC,
 AUC, macro-F1 and balanced accuracy on the test split, each with a bootstrap 95% interval.
 
-The task follows from the labels (:func:`~omnienc.adapters.metrics.task_of`):
+The task follows from the labels (:func:`~omnienc.adapters.classification.metrics.task_of`):
 
 * ``(N,)`` or ``(N, 1)``: single-label. Two classes are binary (AUC of the second class's
   probability); more are multi-class: AUC the macro mean of the one-vs-rest AUCs, ACC that of
@@ -27,9 +27,9 @@ Probes:
   a ReLU-family encoder share a large common component that otherwise dominates every cosine.
   Neighbours vote with weight ``1 / cosine distance``, which gives graded probabilities for the
   AUC where uniform votes of a few neighbours give a handful of ties.
-* :func:`train_head_probe`: an :class:`AttentionPoolHead` over the frozen token map or an
-  :class:`MLPHead` over pooled features, trained with Lightning for several seeds; the reported
-  metrics are the mean over seeds with their spread.
+* :func:`~omnienc.adapters.classification.heads.train_head_probe` (its own module): an attention
+  pooling head over the frozen token map or an MLP head over pooled features, trained with
+  Lightning for several seeds; the reported metrics are the mean over seeds with their spread.
 """
 
 from __future__ import annotations
@@ -44,48 +44,15 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
-# The heads and the metrics live in their own modules; this one re-exports them so that
-# ``omnienc.adapters.probes`` stays the one import for every probe.
-from omnienc.adapters.heads import (
-    AttentionPoolHead,
-    HeadProbeModule,
-    HeadTraining,
-    MLPHead,
-    train_head_probe,
-)
-from omnienc.adapters.metrics import (
-    MULTILABEL_THRESHOLD,
+from omnienc.adapters.classification.metrics import (
     ProbeResult,
-    as_targets,
     best_on_val,
-    bootstrap_intervals,
     check_splits,
-    classification_metrics,
-    task_of,
     test_result,
 )
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 DEFAULT_KS = (1, 3, 5, 10, 20, 50)
-
-__all__ = [
-    "DEFAULT_CS",
-    "DEFAULT_KS",
-    "MULTILABEL_THRESHOLD",
-    "AttentionPoolHead",
-    "HeadProbeModule",
-    "HeadTraining",
-    "MLPHead",
-    "ProbeResult",
-    "as_targets",
-    "bootstrap_intervals",
-    "classification_metrics",
-    "knn_probe",
-    "linear_probe",
-    "run_linear_probe",
-    "task_of",
-    "train_head_probe",
-]
 
 # -------------------------------------------------------------------------- linear and kNN
 
