@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -378,3 +379,65 @@ def test_segment_without_head_is_a_clean_error(tmp_path: Path, volumes: Path, ca
     )
     assert code == 1
     assert "no in-context head" in capsys.readouterr().err
+
+
+# Every argparse subcommand (pretrain, align and the bench jobs parse their own arguments).
+PARSED = [
+    "info",
+    "embed",
+    "probe",
+    "masks",
+    "export",
+    "segment",
+    "describe",
+    "umap",
+    "bench classification",
+    "bench segmentation",
+    "bench all",
+    "bench medsegbench",
+]
+WITH_DATA = {"embed", "probe", "umap", "bench classification", "bench segmentation", "bench all"}
+WITH_DATA |= {"bench medsegbench"}
+WITH_CACHE = {"info", "embed", "masks", "umap", "bench classification", "bench segmentation"}
+WITH_CACHE |= {"bench all"}
+
+
+def _options(command: str) -> set[str]:
+    parser = build_parser()
+    for word in command.split():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("command", PARSED)
+def test_common_flags_on_every_subcommand_where_they_mean_something(command: str):
+    options = _options(command)
+    assert {"-q", "--quiet", "--debug"} <= options
+    assert ("--data" in options) == (command in WITH_DATA)
+    assert ("--cache-dir" in options) == (command in WITH_CACHE)
+
+
+def test_debug_before_the_subcommand_is_kept_by_its_parser():
+    segment = ["segment", "CKPT", "--support", "I", "M", "--query", "Q", "-o", "O"]
+    assert build_parser().parse_args(["--debug", *segment]).debug
+    args = build_parser().parse_args([*segment, "-q"])
+    assert args.quiet and not args.debug
+    assert build_parser().parse_args([*segment, "--debug"]).debug
+
+
+def test_segment_quiet_and_debug(tmp_path: Path, volumes: Path, capsys):
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.errors import CheckpointError
+    from omnienc.preprocessing import Preprocessing
+
+    ckpt = save_encoder(build_encoder("resconv_tiny"), tmp_path / "enc", Preprocessing())
+    t = volumes / "totalsegmentator"
+    image = str(t / "example_ct_sm.nii.gz")
+    argv = ["segment", str(ckpt), "--support", image, str(t / "example_seg.nii.gz")]
+    argv += ["--query", image, "-o", str(tmp_path / "o.nii.gz")]
+    assert main([*argv, "-q"]) == 1  # accepted: the error is the checkpoint's, not the flag's
+    assert "no in-context head" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="no in-context head"):
+        main([*argv, "--debug"])
