@@ -62,13 +62,9 @@ from omnienc.benchmarks.brats_loco import (
     scratch_loco,
     summarise,
 )
-from omnienc.benchmarks.classification import (
-    EncoderUnderTest,
-    floor_of,
-    machine_facts,
-    resolve_encoder,
-)
+from omnienc.benchmarks.classification import EncoderUnderTest, floor_of, resolve_encoder
 from omnienc.benchmarks.machine import cpu_seconds, load_average
+from omnienc.benchmarks.report import machine_facts
 from omnienc.checkpoint import load_checkpoint_config
 from omnienc.data.brats import find_brats_cases
 from omnienc.data.root import resolve_data_root

@@ -6,15 +6,14 @@ Reads the payload :func:`omnienc.benchmarks.brats_classify.run_brats_classificat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from omnienc.atomic import write_bytes_atomic
 from omnienc.benchmarks.brats_crops import CaseCrops, PreparedCase
+from omnienc.benchmarks.report import write_report
 from omnienc.checkpoint import file_sha256
 
 SEQUENCE_NAMES = {"flair": "FLAIR", "t1c": "T1c"}
@@ -192,12 +191,8 @@ def write_brats_classification(payload: dict[str, Any], out: Path) -> tuple[Path
     Returns:
         The two paths.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, allow_nan=False).encode()
-    json_path = write_bytes_atomic(out.with_suffix(".json"), text)
-    markdown = format_brats_classification_markdown(payload).encode()
-    return json_path, write_bytes_atomic(out.with_suffix(".md"), markdown)
+    markdown = format_brats_classification_markdown(payload)
+    return write_report(Path(out), payload, markdown, allow_nan=False)
 
 
 def summary_metrics(payload: dict[str, Any]) -> dict[str, float]:

@@ -58,8 +58,9 @@ from omnienc.benchmarks.brats_labeleff_report import (
     summary_metrics,
     write_brats_label_efficiency,
 )
-from omnienc.benchmarks.classification import EndToEndBudget, machine_facts
+from omnienc.benchmarks.classification import EndToEndBudget
 from omnienc.benchmarks.machine import cpu_seconds
+from omnienc.benchmarks.report import machine_facts
 from omnienc.benchmarks.segmentation import build_benchmark_encoder
 from omnienc.checkpoint import file_sha256
 from omnienc.data.brats import TUMOUR_REGIONS

@@ -5,15 +5,14 @@ The payload is :func:`omnienc.benchmarks.brats_labeleff.run_brats_label_efficien
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from omnienc.atomic import write_bytes_atomic
 from omnienc.benchmarks.brats_labeleff_cases import REGION_KEYS, SCORED_REGIONS, case_bootstrap
+from omnienc.benchmarks.report import write_report
 
 METHOD_LABELS = {
     "frozen": "**pretrained**, frozen + decoder",
@@ -231,12 +230,5 @@ def write_brats_label_efficiency(payload: dict[str, Any], out: Path) -> tuple[Pa
         payload: The job's payload.
         out: Results path without suffix, e.g. ``benchmarks/results/bench/brats_labeleff``.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path = write_bytes_atomic(
-        out.with_suffix(".json"), (json.dumps(payload, indent=2) + "\n").encode()
-    )
-    md_path = write_bytes_atomic(
-        out.with_suffix(".md"), format_brats_label_efficiency_markdown(payload).encode()
-    )
-    return json_path, md_path
+    markdown = format_brats_label_efficiency_markdown(payload)
+    return write_report(Path(out), payload, markdown, newline=True)

@@ -28,15 +28,12 @@ support's reference once, and each (support, query) registration once for all st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omnienc.atomic import write_bytes_atomic
-from omnienc.benchmarks.classification import machine_facts
 from omnienc.benchmarks.fewshot_pairs import (
     CATALOGUE,
     EXCLUDED,
@@ -57,6 +54,7 @@ from omnienc.benchmarks.fewshot_setup import (
     method_descriptions,
 )
 from omnienc.benchmarks.registration import QUICK_REGISTRATION, RegistrationConfig, describe
+from omnienc.benchmarks.report import machine_facts, write_report
 from omnienc.checkpoint import file_sha256
 from omnienc.data.root import resolve_data_root
 
@@ -194,13 +192,7 @@ def run_fewshot(
 
 def write_fewshot(payload: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write ``OUT.json`` and ``OUT.md`` atomically; return both paths."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path = write_bytes_atomic(
-        out.with_suffix(".json"), (json.dumps(payload, indent=2) + "\n").encode()
-    )
-    md_path = write_bytes_atomic(out.with_suffix(".md"), format_fewshot_markdown(payload).encode())
-    return json_path, md_path
+    return write_report(Path(out), payload, format_fewshot_markdown(payload), newline=True)
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ numbers of :func:`omnienc.adapters.latent.metrics.latent_metrics`. Writes ``OUT.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -32,8 +31,7 @@ from omnienc.adapters.latent import (
     map_encoders,
     write_latent_map,
 )
-from omnienc.atomic import write_bytes_atomic
-from omnienc.benchmarks.classification import machine_facts
+from omnienc.benchmarks.report import machine_facts, write_report
 from omnienc.data.root import resolve_data_root
 
 MEDMNIST_INPUTS = ("medmnist:adrenalmnist3d:28:test", "medmnist:breastmnist:28:test")
@@ -190,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
     }
     text = to_markdown(doc, maps, args.out.name)
-    write_bytes_atomic(args.out.with_suffix(".json"), json.dumps(doc, indent=2).encode())
-    write_bytes_atomic(args.out.with_suffix(".md"), text.encode())
+    write_report(args.out, doc, text)
     print(text)
     return 0
 

@@ -4,14 +4,14 @@
 
 Each case runs ``omnienc pretrain`` (the ``configs/cpu-quick.yaml`` recipe: batch 8, 32^3 crops,
 ``resconv_small``; ``--steps`` steps, one epoch, no worker processes) in a fresh process and reads
-its peak resident set size (:func:`omnienc.benchmarks.memory.peak_rss`: ``ru_maxrss`` of the
-command, started from a small launcher). The ``N``x corpus is ``N`` copies of the real volume
+its peak resident set size (:func:`omnienc.benchmarks.robustness.memory.peak_rss`: ``ru_maxrss`` of
+the command, started from a small launcher). The ``N``x corpus is ``N`` copies of the real volume
 folder (``<data root>/volumes``) in a scratch data root, each under its own subfolder and made of
-hard links (or copies where links fail). A copy keeps its files' names and contents, so its
-cache keys (content and file name) are those of the original: every copy reuses the original's
-preprocessed volumes and mask proposals and no case recomputes them, while the data module
-still sees ``N`` times as many volumes. The preprocessing and mask caches are filled first, by a
-one-step run on the 1x corpus (not measured).
+hard links (or copies where links fail). A copy keeps its files' names and contents, so its cache
+keys (content and file name) are those of the original: every copy reuses the original's
+preprocessed volumes and mask proposals and no case recomputes them, while the data module still
+sees ``N`` times as many volumes. The preprocessing and mask caches are filled first, by a one-step
+run on the 1x corpus (not measured).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from omnienc.benchmarks.machine import load_average
-from omnienc.benchmarks.memory import omnienc_command, peak_rss
+from omnienc.benchmarks.robustness.interrupts import omnienc_command
+from omnienc.benchmarks.robustness.memory import peak_rss
 from omnienc.data.root import resolve_data_root
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu-quick.yaml"

@@ -20,7 +20,6 @@ Tasks (each from its own benchmark module, the same code ``omnienc bench all`` r
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from omnienc.atomic import write_bytes_atomic
+from omnienc.benchmarks.report import write_report
 
 # Two-sided 95% normal quantile, for the difference of two recipes' means.
 Z95 = 1.96
@@ -283,13 +282,8 @@ def write_summary(
     compared: Sequence[dict[str, Any]] = (),
 ) -> tuple[Path, Path]:
     """Write ``out.json`` (payloads, aggregate, comparisons, command) and ``out.md``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     body: dict[str, Any] = {"command": command, "encoders": list(payloads)}
     if len(payloads) > 1:
         body["aggregate"] = aggregate(payloads)
         body["compared"] = [{**c, **compare(c, payloads)} for c in compared]
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    write_bytes_atomic(json_path, json.dumps(body, indent=2).encode())
-    md = format_summary_markdown(payloads, command, compared)
-    write_bytes_atomic(md_path, md.encode())
-    return json_path, md_path
+    return write_report(out, body, format_summary_markdown(payloads, command, compared))

@@ -12,7 +12,7 @@ along any axis is encoded by sliding windows of at most ``window`` voxels per ax
 (:func:`pooled_features`), so the encoder's activations are bounded by one window, not by the
 volume: about 110 MB for a 128^3 window of ``resconv_small`` on a CPU. What remains proportional to
 the volume is reading and resampling it (the native voxels as float32, a few copies), capped by
-:data:`omnienc.io.DEFAULT_MAX_VOXELS`. ``benchmarks/memory.py`` measures the peaks.
+:data:`omnienc.io.DEFAULT_MAX_VOXELS`. ``benchmarks/robustness/memory.py`` measures the peaks.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class PretrainConfig:
 
 
 # Test-only fault injection; never set it outside tests. It makes the interrupted-run tests
-# (tests/robustness/test_interrupts.py, omnienc.benchmarks.interrupts) deterministic:
+# (tests/robustness/test_interrupts.py, omnienc.benchmarks.robustness.interrupts) deterministic:
 #   stop_at_step=N   the process stops itself (SIGSTOP) once optimiser step N is done, so that
 #                    the test can SIGKILL it from outside at a known point mid-epoch;
 #   kill_in_save=N   the process SIGKILLs itself during its Nth checkpoint write, after the

@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from omnienc.adapters.classification import FinetuneConfig
-from omnienc.benchmarks.classification import (
-    EndToEndBudget,
-    format_markdown,
-    resolve_encoder,
-    run_classification,
-)
+from omnienc.benchmarks.classification import EndToEndBudget, resolve_encoder, run_classification
+from omnienc.benchmarks.classification_report import format_markdown
 from omnienc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

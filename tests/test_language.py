@@ -42,14 +42,13 @@ from omnienc.adapters.language import (
     save_projector,
     state_fingerprint,
 )
-from omnienc.benchmarks.language import (
-    TextLMConfig,
+from omnienc.benchmarks.language_lm import TextLMConfig, train_text_lm
+from omnienc.benchmarks.language_scores import (
     adrenal_scores,
     calibrated,
     crop_scores,
     retrieval_hits,
     shuffled_rows,
-    train_text_lm,
 )
 from omnienc.data.labeled import read_label_map
 from omnienc.data.labelnames import TOTALSEG_MR

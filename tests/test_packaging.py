@@ -27,6 +27,7 @@ SUBPACKAGES = [
     "omnienc.adapters.latent",
     "omnienc.adapters.segmentation",
     "omnienc.benchmarks",
+    "omnienc.benchmarks.robustness",
 ]
 
 

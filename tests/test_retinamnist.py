@@ -29,7 +29,8 @@ from omnienc.adapters.classification import (
     train_classifier,
     train_head_probe,
 )
-from omnienc.benchmarks.classification import format_markdown, run_classification
+from omnienc.benchmarks.classification import run_classification
+from omnienc.benchmarks.classification_report import format_markdown
 from omnienc.cli import main
 from omnienc.data.medmnist import MedMNIST
 from omnienc.encoders import build_encoder, random_encoder

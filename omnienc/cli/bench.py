@@ -9,7 +9,6 @@ imports it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,8 @@ from omnienc.cli.common import add_common_flags
 
 def cmd_bench_medsegbench(args: argparse.Namespace) -> int:
     """``omnienc bench medsegbench``: the segmentation decoder on a MedSegBench set."""
-    from omnienc.atomic import write_bytes_atomic
-    from omnienc.benchmarks.classification import command_line, machine_facts
     from omnienc.benchmarks.medsegbench import format_medsegbench_markdown, run_medsegbench_suite
+    from omnienc.benchmarks.report import command_line, machine_facts, write_report
     from omnienc.data.root import resolve_data_root
 
     encoder = args.encoder or str(SHIPPED_CHECKPOINT)
@@ -46,11 +44,9 @@ def cmd_bench_medsegbench(args: argparse.Namespace) -> int:
     suite["machine"] = machine
     suite["command"] = command_line(args.argv)
     out = args.out or Path(f"benchmarks/results/bench/medsegbench_{args.dataset}_{args.size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     where = f"{machine['cpu']}, {machine['torch_threads']} torch threads, GPU: {machine['gpu']}"
     text = format_medsegbench_markdown(suite, suite["command"], where)
-    write_bytes_atomic(out.with_suffix(".json"), (json.dumps(suite, indent=2) + "\n").encode())
-    write_bytes_atomic(out.with_suffix(".md"), text.encode())
+    write_report(out, suite, text, newline=True)
     print(text)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
@@ -94,11 +90,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         DEFAULT_FRACTIONS,
         METHODS,
         EndToEndBudget,
-        command_line,
-        machine_facts,
         run_classification,
-        write_results,
     )
+    from omnienc.benchmarks.classification_report import write_results
+    from omnienc.benchmarks.report import command_line, machine_facts
     from omnienc.data.folder import default_cache_dir
     from omnienc.data.root import resolve_data_root
 
@@ -176,7 +171,7 @@ def _bench_all_rest(
     ``brats_labeleff``), and the summary of them all goes to ``OUT_summary.{json,md}``.
     """
     from omnienc.benchmarks import brats_classify, brats_labeleff, fewshot
-    from omnienc.benchmarks.classification import command_line
+    from omnienc.benchmarks.report import command_line
     from omnienc.benchmarks.suite import summary_of_bench_all
     from omnienc.benchmarks.summary import write_summary
 

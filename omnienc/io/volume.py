@@ -26,7 +26,7 @@ SUPPORTED_SUFFIXES = NIBABEL_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
 
 # A header may not claim more voxels than this unless the caller raises it: 2 GiB as float32,
 # room for a 512x512x2048 CT; reading needs a few float32 copies of it
-# (benchmarks/memory.py), so a 1024^3 header is refused before anything is allocated.
+# (benchmarks/robustness/memory.py), so a 1024^3 header is refused before anything is allocated.
 DEFAULT_MAX_VOXELS = 2**29
 
 

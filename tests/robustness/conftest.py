@@ -1,7 +1,7 @@
 """Fixtures of the robustness suite: every bad input, made at test time from the real files.
 
-The generators live in :mod:`omnienc.benchmarks.badinputs` and
-:mod:`omnienc.benchmarks.badcheckpoints`, which the robustness benchmark uses too
+The generators live in :mod:`omnienc.benchmarks.robustness.badinputs` and
+:mod:`omnienc.benchmarks.robustness.badcheckpoints`, which the robustness benchmark uses too
 (``python -m omnienc.benchmarks.robustness``), so the tests and the results table try the same
 inputs.
 """
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnienc.benchmarks.badcheckpoints import AttackContext
-from omnienc.benchmarks.badinputs import BadInput, make_bad_inputs, restore_permissions
-from omnienc.benchmarks.robustness import RunContext
+from omnienc.benchmarks.robustness.attacks import AttackContext
+from omnienc.benchmarks.robustness.badinputs import make_bad_inputs, restore_permissions
+from omnienc.benchmarks.robustness.cases import BadInput
+from omnienc.benchmarks.robustness.observation import RunContext
 from omnienc.checkpoint import save_encoder
 from omnienc.encoders import build_encoder
 from omnienc.preprocessing import Preprocessing

@@ -1,13 +1,13 @@
 """Every kind of bad input x every public entry point: a clear error, or a skip with a warning.
 
-The matrix: each case of :func:`omnienc.benchmarks.badinputs.make_bad_inputs` (zero-byte,
+The matrix: each case of :func:`omnienc.benchmarks.robustness.badinputs.make_bad_inputs` (zero-byte,
 truncated, bit-flipped, oversized, misnamed, 2D/4D/5D, NaN/Inf, constant, bad label maps, empty
 and mixed folders, two DICOM series, unreadable files and folders, symbolic link loops) goes to
 ``read_volume``, ``VolumeFolder``, ``omnienc info``, ``omnienc masks``, ``omnienc embed``,
 ``omnienc segment`` and (slow) ``omnienc pretrain``. An ``error`` must be the documented omnienc
 error naming the file and the problem (on the command line: one ``omnienc: error:`` line, exit
 status 1, no traceback); a ``skip`` must name the file and the problem in a warning while the
-run goes on (:func:`omnienc.benchmarks.robustness.judge`).
+run goes on (:func:`omnienc.benchmarks.robustness.harness.judge`).
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from omnienc.benchmarks.badinputs import (
-    ENTRY_POINTS,
+from omnienc.benchmarks.robustness.badinputs import (
     ISSUE_KINDS,
-    MR,
-    BadInput,
     case_plan,
     make_bad_inputs,
     restore_permissions,
 )
-from omnienc.benchmarks.robustness import (
-    RunContext,
+from omnienc.benchmarks.robustness.cases import ENTRY_POINTS, MR, BadInput
+from omnienc.benchmarks.robustness.observation import RunContext, judge, observe
+from omnienc.benchmarks.robustness.privileges import (
     dac_override_active,
-    judge,
-    observe,
     observe_without_dac_override,
 )
 from omnienc.data.root import resolve_data_root
@@ -258,7 +254,7 @@ def test_the_judge_rejects_vague_errors_tracebacks_and_silent_skips(
     bad_inputs: dict[str, BadInput],
 ):
     """The matrix is only as strict as its judge: check that it fails what it must."""
-    from omnienc.benchmarks.robustness import Observation
+    from omnienc.benchmarks.robustness.observation import Observation
 
     case = bad_inputs["truncated-nii-gz"]
     path = str(case.path)

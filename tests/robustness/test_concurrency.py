@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnienc.benchmarks.interrupts import leftovers, omnienc_command
+from omnienc.benchmarks.robustness.interrupts import leftovers, omnienc_command
 from omnienc.cli import main
 from omnienc.pretext.masks import load_masks
 

@@ -1,7 +1,7 @@
 """Interrupted ``omnienc pretrain`` runs: SIGKILL mid-epoch and mid-checkpoint-write, resume.
 
-The slow test drives :func:`omnienc.benchmarks.interrupts.run_kill_scenarios` (the same runs
-``benchmarks/results/robustness.md`` reports); the fast ones check the pieces it relies on.
+The slow test drives :func:`omnienc.benchmarks.robustness.interrupts.run_kill_scenarios` (the same
+runs ``benchmarks/results/robustness.md`` reports); the fast ones check the pieces it relies on.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from omnienc.atomic import pid_alive
-from omnienc.benchmarks.interrupts import MAX_STEPS, leftovers, run_kill_scenarios
+from omnienc.benchmarks.robustness.interrupts import MAX_STEPS, leftovers, run_kill_scenarios
 from omnienc.pretext.train import FAULT_ENV, clean_interrupted_run, injected_fault
 
 

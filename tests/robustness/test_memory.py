@@ -5,7 +5,7 @@ window is encoded exactly as a whole-volume pass, windows are stitched exactly (
 encoding the halves by hand), and on a real MR the windowed embedding stays close to the
 whole-volume one (instance normalisation sees one window at a time, so not equal). The slow
 test measures the peak RSS of ``omnienc embed`` on the 512x512x300 CT and a 1024^3 volume
-(:mod:`omnienc.benchmarks.memory`) against the stated bound.
+(:mod:`omnienc.benchmarks.robustness.memory`) against the stated bound.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from omnienc.benchmarks.memory import (
+from omnienc.benchmarks.robustness.memory import (
     CHECKPOINT,
     REFUSED_MB,
-    MemoryInput,
     base_rss_mb,
     bound_mb,
-    make_inputs,
     measure_case,
 )
+from omnienc.benchmarks.robustness.memory_inputs import MemoryInput, make_inputs
 from omnienc.checkpoint import load_encoder
 from omnienc.embed import DEFAULT_WINDOW, embed_inputs, pooled_features
 from omnienc.encoders import build_encoder

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from omnienc.atomic import FOREIGN_TEMP_MAX_AGE_S, pid_alive
-from omnienc.benchmarks.interrupts import leftovers
+from omnienc.benchmarks.robustness.interrupts import leftovers
 from omnienc.checkpoint import file_sha256, load_encoder, save_encoder
 from omnienc.cli import main
 from omnienc.encoders import build_encoder

@@ -1,6 +1,6 @@
 """Untrusted checkpoints and caches: pickle payloads are refused and never run; mismatches say why.
 
-Each attack of :mod:`omnienc.benchmarks.badcheckpoints` hides a pickle payload (whose
+Each attack of :mod:`omnienc.benchmarks.robustness.badcheckpoints` hides a pickle payload (whose
 ``__reduce__`` creates a marker file) where a user could be handed it: a ``.pt``/``.ckpt``/
 ``.pth``/``.bin`` file given to ``load_encoder`` or ``omnienc embed/probe/segment``, pickle bytes
 in a checkpoint folder's safetensors files (with a matching sha256), a ``config.json`` pointing
@@ -18,14 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnienc.benchmarks.badcheckpoints import (
-    ATTACKS,
-    MISMATCHES,
-    AttackContext,
+from omnienc.benchmarks.robustness.attacks import ATTACKS, AttackContext, run_attack
+from omnienc.benchmarks.robustness.mismatches import MISMATCHES, run_mismatch
+from omnienc.benchmarks.robustness.payloads import (
     PicklePayload,
     payload_is_live,
-    run_attack,
-    run_mismatch,
     write_pickle_checkpoint,
 )
 from omnienc.checkpoint import load_encoder

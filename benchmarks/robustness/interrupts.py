@@ -17,7 +17,7 @@ half-written checkpoint, encoder export or cache file behind.
 The runs use the tiny recipe of ``tests/test_pretrain.py`` (``resconv_tiny``, batch 2, 32^3 crops,
 3 mm spacing) on three real volumes from the data root. About a minute on 2 CPU cores::
 
-    python -m omnienc.benchmarks.interrupts --work /tmp/interrupts
+    python -m omnienc.benchmarks.robustness.interrupts --work /tmp/interrupts
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
-"""Untrusted checkpoint and cache files: pickle payloads, tampered folders, other architectures.
+"""The checkpoint and cache attacks (:data:`ATTACKS`): one untrusted file to one loader each.
 
-Each attack writes a file a user could be handed (a ``.pt`` from a forum, a checkpoint folder
-from a colleague, a shared cache) into a scratch folder and hands it to one loader: the Python
-API (``load_encoder``, ``VolumeFolder``, ...) or the command line (``omnienc embed``, ``probe``,
-``segment``, ``pretrain``). A pickle payload is an object whose ``__reduce__`` creates a marker
-file when unpickled (:class:`PicklePayload`); an attack is *refused* when the loader raises its
-documented omnienc error (or, for a cache entry, rebuilds it with a warning), and the payload
-*ran* when the marker exists afterwards. The tests (``tests/robustness/``) and the benchmark
-(``python -m omnienc.benchmarks.robustness``) share these attacks.
+An attack is *refused* when the loader raises its documented omnienc error (or, for a cache
+entry, rebuilds it with a warning), and the payload *ran* when its marker exists afterwards
+(:func:`run_attack`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,85 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from omnienc.benchmarks.badinputs import GOOD, MR, MR_SEG
-
-
-class PicklePayload:
-    """Unpickling this object creates ``marker``: what a malicious checkpoint could do instead.
-
-    Args:
-        marker: The file that unpickling creates.
-    """
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = Path(marker)
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (Path.touch, (self.marker,))
-
-
-def write_pickle_checkpoint(path: Path, marker: Path) -> Path:
-    """A Lightning-style ``torch.save`` dict whose ``state_dict`` is a :class:`PicklePayload`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": PicklePayload(marker), "global_step": 1, "epoch": 0}, path)
-    return path
-
-
-def pickle_bytes(marker: Path) -> bytes:
-    """The bytes of :func:`write_pickle_checkpoint` (to hide in a file of another name)."""
-    buf = io.BytesIO()
-    torch.save({"state_dict": PicklePayload(marker)}, buf)
-    return buf.getvalue()
-
-
-def payload_is_live(work: Path) -> bool:
-    """Whether unpickling a payload really creates its marker (so a refusal is not vacuous)."""
-    marker = work / "live-marker"
-    path = write_pickle_checkpoint(work / "live.pt", marker)
-    torch.load(path, weights_only=False)  # the unsafe load every loader must avoid
-    live = marker.exists()
-    marker.unlink(missing_ok=True)
-    return live
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _copy_checkpoint(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest
-
-
-def _edit_config(folder: Path, **changes: Any) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def poison_npz(path: Path, key: str, marker: Path) -> Path:
-    """Replace array ``key`` of a real ``.npz`` by a pickled :class:`PicklePayload`, in place.
-
-    The other arrays stay, so a loader gets past its key checks to the pickled one.
-    """
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != key}
-    arrays[key] = np.array([PicklePayload(marker)], dtype=object)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # object arrays are pickled on save
-    path.write_bytes(buf.getvalue())
-    return path
-
-
-def _replace_file(folder: Path, entry: str, data: bytes, extra: str | None = None) -> None:
-    """Overwrite a weights file and record its new sha256, as a careful attacker would."""
-    config = json.loads((folder / "config.json").read_text())
-    record = config["weights"] if extra is None else config["extra"][extra]
-    (folder / record["file"]).write_bytes(data)
-    record["sha256"] = _sha256(folder / record["file"])
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+from omnienc.benchmarks.robustness.cases import GOOD, MR, MR_SEG
+from omnienc.benchmarks.robustness.payloads import (
+    _copy_checkpoint,
+    _edit_config,
+    _replace_file,
+    _sha256,
+    pickle_bytes,
+    poison_npz,
+    write_pickle_checkpoint,
+)
 
 
 @dataclass
@@ -131,7 +55,7 @@ class AttackResult:
 
 def _cli(argv: list[str]) -> tuple[bool, str]:
     """``omnienc ARGV`` in process: (refused cleanly, the error line or what went wrong)."""
-    from omnienc.benchmarks.robustness import run_cli
+    from omnienc.benchmarks.robustness.observation import run_cli
 
     obs = run_cli(argv)
     lines = [ln for ln in obs.message.splitlines() if ": error: " in ln]
@@ -267,7 +191,7 @@ def _poisoned_cache(kind: str) -> Callable[[AttackContext, Path, Path], tuple[bo
     """
 
     def attack(ctx: AttackContext, work: Path, marker: Path) -> tuple[bool, str]:
-        from omnienc.benchmarks.robustness import _captured
+        from omnienc.benchmarks.robustness.observation import _captured
         from omnienc.data.folder import VolumeFolder
         from omnienc.pretext.masks import MaskConfig, compute_folder_masks
 
@@ -330,122 +254,3 @@ def run_attack(name: str, ctx: AttackContext) -> AttackResult:
     marker = work / "PAYLOAD-RAN"
     refused, message = attack(ctx, work, marker)
     return AttackResult(name, entry, refused, marker.exists(), message)
-
-
-def _fresh_checkpoint(folder: Path, arch: str, **overrides: Any) -> Path:
-    from omnienc.checkpoint import save_encoder
-    from omnienc.encoders import build_encoder
-    from omnienc.preprocessing import Preprocessing
-
-    torch.manual_seed(0)
-    return save_encoder(build_encoder(arch, **overrides), folder, Preprocessing())
-
-
-def _other_arch_weights(ctx: AttackContext, work: Path) -> tuple[bool, str]:
-    from omnienc.checkpoint import load_encoder
-
-    small = _fresh_checkpoint(work / "small", "resconv_small")
-    tiny = _fresh_checkpoint(work / "tiny", "resconv_tiny")
-    _replace_file(tiny, "weights", (small / "model.safetensors").read_bytes())
-    return _python(lambda: load_encoder(tiny))
-
-
-def _other_input_size(ctx: AttackContext, work: Path) -> tuple[bool, str]:
-    from omnienc.checkpoint import load_encoder
-
-    vit = _fresh_checkpoint(work / "vit64", "vit3d_tiny", img_size=64)
-    config = json.loads((vit / "config.json").read_text())["config"]
-    _edit_config(vit, config={**config, "img_size": 32})
-    return _python(lambda: load_encoder(vit))
-
-
-def _head_of_other_encoder(ctx: AttackContext, work: Path) -> tuple[bool, str]:
-    from omnienc.encoders import build_encoder
-    from omnienc.pretext.incontext import HeadConfig, InContextHead
-    from omnienc.pretext.segment import HEAD_NAME
-
-    folder = _copy_checkpoint(ctx.checkpoint, work / "ckpt")
-    meta = json.loads((folder / "config.json").read_text())["meta"]
-    other = InContextHead(
-        build_encoder("vit3d_tiny").feature_info, HeadConfig.from_dict(meta[HEAD_NAME])
-    )
-    from safetensors.torch import save
-
-    state = {k: v.contiguous() for k, v in other.state_dict().items()}
-    _replace_file(folder, "extra", save(state), extra=HEAD_NAME)
-    return _cli(_segment_argv(ctx, str(folder), work))
-
-
-def _resume_other_encoder(ctx: AttackContext, work: Path) -> tuple[bool, str]:
-    refused, message = _cli(["pretrain", "--config", str(_tiny_pretrain_config(ctx, work))])
-    if refused or not (work / "run" / "checkpoints" / "last.ckpt").is_file():
-        return False, f"the first run failed: {message}"
-    cfg = _tiny_pretrain_config(ctx, work, encoder="resconv_small")
-    return _cli(["pretrain", "--config", str(cfg), "--trainer.max_steps", "4"])
-
-
-# (entry point, function(ctx, work) -> (refused, message), regex saying what differs)
-MISMATCHES: dict[str, tuple[str, Callable[[AttackContext, Path], tuple[bool, str]], str]] = {
-    "resconv_small weights under a resconv_tiny config.json": (
-        "load_encoder",
-        _other_arch_weights,
-        r"does not match the resconv encoder .*widths=\[8, 16, 32, 64\].*unexpected keys "
-        r"\['stages\.2\.1\..*checkpoint \(16, 16, 3, 3, 3\) vs model \(8, 8, 3, 3, 3\)",
-    ),
-    "ViT trained at 64^3, config.json says 32^3": (
-        "load_encoder",
-        _other_input_size,
-        r"img_size=32.*pos_embed: checkpoint \(1, 192, 4, 4, 4\) vs model \(1, 192, 2, 2, 2\)",
-    ),
-    "in-context head built for another encoder": (
-        "omnienc segment",
-        _head_of_other_encoder,
-        r"incontext_head weights do not match .*checkpoint \(\d+, 192, 1, 1, 1\) vs model",
-    ),
-    "run resumed with another encoder in the config": (
-        "omnienc pretrain (resume)",
-        _resume_other_encoder,
-        r"last\.ckpt: was written by a different model than this config builds \(.*"
-        r"encoder\.\S+: checkpoint \(\d+, .*\) vs model \(\d+, ",
-    ),
-}
-
-
-def run_mismatch(name: str, ctx: AttackContext) -> AttackResult:
-    """Run one case of :data:`MISMATCHES`; refused means an omnienc error saying what differs."""
-    import re
-
-    entry, make, pattern = MISMATCHES[name]
-    work = ctx.work / "".join(c if c.isalnum() else "-" for c in name)
-    work.mkdir(parents=True, exist_ok=True)
-    refused, message = make(ctx, work)
-    says = refused and re.search(pattern, message) is not None
-    if refused and not says:
-        message = f"refused without saying what differs (expected {pattern!r}): {message}"
-    return AttackResult(name, entry, bool(says), False, message)
-
-
-def run_checkpoint_attacks(work: Path, checkpoint: Path, volumes: Path) -> list[dict[str, Any]]:
-    """Every attack of :data:`ATTACKS` and :data:`MISMATCHES`, as table rows.
-
-    Args:
-        work: Scratch folder.
-        checkpoint: A genuine exported encoder with an in-context head.
-        volumes: ``<data root>/volumes``.
-
-    Returns:
-        Rows ``{"attack", "entry", "refused", "executed", "message"}``.
-
-    Raises:
-        RuntimeError: The pickle payload does not run when unpickled unsafely (the check
-            would prove nothing).
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    if not payload_is_live(work):
-        raise RuntimeError(
-            "the pickle payload does not create its marker: the attacks prove nothing"
-        )
-    ctx = AttackContext(work, checkpoint, volumes)
-    rows = [vars(run_attack(name, ctx)) for name in ATTACKS]
-    rows += [vars(run_mismatch(name, ctx)) for name in MISMATCHES]
-    return rows
