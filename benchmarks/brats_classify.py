@@ -102,7 +102,8 @@ class BratsBudget:
 
     Attributes:
         per_class: Crops of each class per case.
-        min_distance: Smallest distance between two centres of one class, in voxels.
+        min_distance: Smallest distance between two centres of one class, in voxels of a 2 mm
+            grid (scaled to the encoder's grid, so that it is the same distance in mm).
         min_brain_fraction: Smallest share of brain in a crop.
         floor_seeds: Seeds of the random-init encoders of the floor.
         scratch_seeds: Seeds of the supervised-from-scratch runs.
@@ -135,6 +136,8 @@ QUICK_BUDGET = BratsBudget(
 # every encoder is asked the same question about the same tissue.
 MAX_CROP_MM = 64.0
 MIN_CROP = 16
+# The grid the budget's distances are stated on (the shipped checkpoints' spacing).
+REFERENCE_MM = 2.0
 
 
 def encoder_setup(spec: str | Path) -> tuple[EncoderUnderTest, Preprocessing, tuple[int, ...]]:
@@ -264,10 +267,11 @@ def run_brats_classification(
     emit = log or (print if progress else (lambda _line: None))
     load_start, cpu_start = load_average(), cpu_seconds()
     under_test, pre, crop_size = encoder_setup(encoder_spec)
+    grid_mm = min(pre.spacing) if pre.spacing else REFERENCE_MM
     sampling = CropSampling(
         crop_size=crop_size,
         per_class=budget.per_class,
-        min_distance=budget.min_distance,
+        min_distance=budget.min_distance * REFERENCE_MM / grid_mm,
         min_brain_fraction=budget.min_brain_fraction,
         seed=seed,
     )
