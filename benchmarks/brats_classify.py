@@ -6,9 +6,11 @@
 MASS (https://arxiv.org/abs/2603.13660) claims that its frozen encoder, pretrained without
 labels, tells pathology it never saw from healthy tissue. Here: from each of the four BraTS 2013
 cases (FLAIR and T1c, :mod:`omnienc.data.brats`), crops of the encoder's crop size on its own
-preprocessed grid, half centred in the whole tumour and half in tumour-free brain
-(:mod:`.brats_crops`), are classified leave-one-case-out: trained on three cases' crops, tested
-on the fourth's (:mod:`.brats_loco`). Methods, per sequence:
+preprocessed grid (capped at :data:`MAX_CROP_MM` per axis: a crop of a coarse-grid encoder that
+spans most of a 140 mm brain has no tumour-free position), half centred in the whole tumour
+and half in tumour-free brain (:mod:`.brats_crops`), are classified leave-one-case-out:
+trained on three cases' crops, tested on the fourth's (:mod:`.brats_loco`). Methods, per
+sequence:
 
 * ``linear``: logistic regression on the frozen encoder's pooled embedding, for the encoder
   under test and for random-init encoders of the same shape (the floor, several seeds);
@@ -96,7 +98,8 @@ class BratsBudget:
 
     Attributes:
         per_class: Crops of each class per case.
-        min_distance: Smallest distance between two centres of one class, in voxels.
+        min_distance: Smallest distance between two centres of one class, in voxels of a 2 mm
+            grid (scaled to the encoder's grid, so that it is the same distance in mm).
         min_brain_fraction: Smallest share of brain in a crop.
         floor_seeds: Seeds of the random-init encoders of the floor.
         scratch_seeds: Seeds of the supervised-from-scratch runs.
@@ -124,14 +127,34 @@ QUICK_BUDGET = BratsBudget(
 )
 
 
+# The largest crop side in mm: 32 voxels at the shipped 2 mm. An encoder pretrained on a
+# coarser grid (4 mm: 32 voxels = 128 mm) gets crops of this physical size (16 voxels), so
+# every encoder is asked the same question about the same tissue.
+MAX_CROP_MM = 64.0
+MIN_CROP = 16
+# The grid the budget's distances are stated on (the shipped checkpoints' spacing).
+REFERENCE_MM = 2.0
+
+
 def encoder_setup(spec: str | Path) -> tuple[EncoderUnderTest, Preprocessing, tuple[int, ...]]:
-    """The encoder, its preprocessing and its crop size (``meta["crop_size"]``, else 32^3)."""
+    """The encoder, its preprocessing and its crop size.
+
+    The crop is ``meta["crop_size"]`` (else 32^3), each side capped at :data:`MAX_CROP_MM` on
+    the encoder's grid (and at least :data:`MIN_CROP` voxels); the shipped 2 mm checkpoints
+    keep their 32^3.
+    """
     under_test = resolve_encoder(spec)
     if under_test.is_random:
         return under_test, Preprocessing(), DEFAULT_CROP
     config = load_checkpoint_config(spec)
     crop = (config.get("meta") or {}).get("crop_size") or DEFAULT_CROP
-    return under_test, Preprocessing.from_dict(config["preprocessing"]), tuple(map(int, crop))
+    pre = Preprocessing.from_dict(config["preprocessing"])
+    spacing = pre.spacing or (1.0, 1.0, 1.0)
+    capped = tuple(
+        max(MIN_CROP, min(int(c), int(MAX_CROP_MM // s)))
+        for c, s in zip(crop, spacing, strict=True)
+    )
+    return under_test, pre, capped
 
 
 # Budget options of the command line: name -> (type, what it sets).
@@ -240,10 +263,11 @@ def run_brats_classification(
     emit = log or (print if progress else (lambda _line: None))
     load_start, cpu_start = load_average(), cpu_seconds()
     under_test, pre, crop_size = encoder_setup(encoder_spec)
+    grid_mm = min(pre.spacing) if pre.spacing else REFERENCE_MM
     sampling = CropSampling(
         crop_size=crop_size,
         per_class=budget.per_class,
-        min_distance=budget.min_distance,
+        min_distance=budget.min_distance * REFERENCE_MM / grid_mm,
         min_brain_fraction=budget.min_brain_fraction,
         seed=seed,
     )

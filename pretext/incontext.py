@@ -414,8 +414,12 @@ def incontext_loss(
 
     Per task, with ``p = sigmoid(logits)`` and target ``y`` over its voxels,
     ``dice = (2 * sum(p * y) + eps) / (sum(p) + sum(y) + eps)`` (``eps = 1e-5``, as nnU-Net) and
-    ``bce`` is the mean binary cross-entropy; the loss is ``mean(1 - dice) + mean(bce)`` over
-    valid tasks. MASS uses an adaptive Tversky-style Dice; this is the plain soft Dice. Computed
+    ``bce`` is the mean binary cross-entropy; the loss is ``mean(1 - dice)`` over valid tasks
+    whose target is not empty plus ``mean(bce)`` over all valid tasks. An empty target (a
+    structure absent from the query, :attr:`omnienc.pretext.pairs.PairConfig.absent_tasks`)
+    is learned through the BCE alone: its soft Dice is ``eps / (sum(p) + eps)``, near 0 for any
+    prediction that is not exactly empty, a loss of about 1 that no threshold-level prediction
+    can lower. MASS uses an adaptive Tversky-style Dice; this is the plain soft Dice. Computed
     in float32 with autocast off (as dinov2's KoLeo loss), whatever the training precision.
 
     Args:
@@ -424,10 +428,10 @@ def incontext_loss(
         valid: ``(B, T)`` bool; invalid (padding) tasks count nowhere.
 
     Returns:
-        ``{"loss": scalar with a graph, "dice": mean soft Dice coefficient (detached),
-        "bce": mean BCE (detached), "num_valid": number of valid tasks (float)}``. With no
-        valid task, ``loss`` is a zero that still has a graph (``0 * logits.sum()``) and
-        ``dice`` and ``bce`` are 0.
+        ``{"loss": scalar with a graph, "dice": mean soft Dice coefficient over the non-empty
+        targets (detached), "bce": mean BCE (detached), "num_valid": number of valid tasks
+        (float)}``. With no valid task, ``loss`` is a zero that still has a graph
+        (``0 * logits.sum()``) and ``dice`` and ``bce`` are 0.
 
     Raises:
         ValueError: Shapes disagree.
@@ -448,10 +452,13 @@ def incontext_loss(
         p = torch.sigmoid(x)
         dice = (2.0 * (p * y).sum(-1) + DICE_SMOOTH) / (p.sum(-1) + y.sum(-1) + DICE_SMOOTH)
         bce = F.binary_cross_entropy_with_logits(x, y, reduction="none").mean(-1)
-        dice_mean = (dice * w).sum() / n
+        w_dice = w * (y.sum(-1) > 0)
+        n_dice = w_dice.sum()
+        dice_mean = (dice * w_dice).sum() / n_dice.clamp_min(1.0)
         bce_mean = (bce * w).sum() / n
+        dice_loss = (n_dice > 0).float() * (1.0 - dice_mean)
         return {
-            "loss": (1.0 - dice_mean) + bce_mean,
+            "loss": dice_loss + bce_mean,
             "dice": dice_mean.detach(),
             "bce": bce_mean.detach(),
             "num_valid": n,

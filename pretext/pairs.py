@@ -44,6 +44,12 @@ class PairConfig(JsonConfig):
             the reference crop and inside the query crop.
         whole_crop_task: Add task 0, "the reference crop itself": its reference mask is all ones
             and its query target is where the reference crop lies inside the query crop.
+        absent_tasks: Extra task slots for *absent* structures: proposals with at least
+            ``min_task_voxels`` voxels in the reference crop and none in the query crop, whose
+            query target is empty. Without them every task's structure is in the query (the
+            crops overlap and tasks must be in both), so the head never learns to answer "not
+            here", and at inference, where most sliding windows hold none of the support's
+            structure, it fires in them. Slots with no such proposal stay padding.
     """
 
     crop_size: tuple[int, int, int] = (64, 64, 64)
@@ -51,6 +57,7 @@ class PairConfig(JsonConfig):
     max_tasks: int = 8
     min_task_voxels: int = 32
     whole_crop_task: bool = True
+    absent_tasks: int = 0
 
     def __post_init__(self) -> None:
         size = tuple(int(s) for s in self.crop_size)
@@ -63,13 +70,15 @@ class PairConfig(JsonConfig):
             raise ValueError(f"max_tasks must be >= 0, got {self.max_tasks}")
         if self.min_task_voxels < 1:
             raise ValueError(f"min_task_voxels must be >= 1, got {self.min_task_voxels}")
+        if self.absent_tasks < 0:
+            raise ValueError(f"absent_tasks must be >= 0, got {self.absent_tasks}")
         if self.max_tasks == 0 and not self.whole_crop_task:
             raise ValueError("max_tasks=0 with whole_crop_task=False leaves no task at all")
 
     @property
     def num_tasks(self) -> int:
-        """``T = max_tasks + int(whole_crop_task)``, the task axis of every pair."""
-        return self.max_tasks + int(self.whole_crop_task)
+        """``T = int(whole_crop_task) + max_tasks + absent_tasks``, the task axis of every pair."""
+        return int(self.whole_crop_task) + self.max_tasks + self.absent_tasks
 
 
 def _crop(array: np.ndarray, origin: Sequence[int] | np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -175,7 +184,8 @@ def sample_pair(
         * ``ref_image``, ``query_image``: ``(1, *S)`` float32;
         * ``ref_masks``, ``query_masks``: ``(T, *S)`` float32 in {0, 1}; task ``t`` is the same
           proposal cropped to the reference and to the query. With ``whole_crop_task`` task 0's
-          reference mask is all ones and its query mask the overlap of the crops;
+          reference mask is all ones and its query mask the overlap of the crops; the last
+          ``absent_tasks`` slots hold proposals absent from the query (empty query masks);
         * ``task_valid``: ``(T,)`` bool; padding tasks are all zeros and ``False``;
         * ``ref_origin``, ``query_origin``: ``(3,)`` int64 crop corners in the padded volume;
         * ``pad_low``: ``(3,)`` int64 voxels of padding before the input along each axis.
@@ -214,13 +224,17 @@ def sample_pair(
             return _crop(dense, origin, size)
 
     n_masks = masks.shape[0]
-    # (reference origin, query origin, qualifying proposals, their two crops)
-    best: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None] | None
+    none = np.zeros(0, dtype=np.int64)
+    # (reference origin, query origin, qualifying proposals, absent ones, their two crops)
+    best: (
+        tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+        | None
+    )
     best = None
     for _ in range(_PAIR_ATTEMPTS):
         ref_o, query_o = _sample_origins(image.shape[1:], size, config.min_overlap, rng)
-        if config.max_tasks == 0 or n_masks == 0:
-            best = (ref_o, query_o, np.zeros(0, dtype=np.int64), None, None)
+        if config.max_tasks + config.absent_tasks == 0 or n_masks == 0:
+            best = (ref_o, query_o, none, none, None, None)
             break
         ref_crop, query_crop = crop_masks(ref_o), crop_masks(query_o)
         in_ref = np.count_nonzero(ref_crop, axis=(1, 2, 3))
@@ -228,12 +242,13 @@ def sample_pair(
         ok = np.flatnonzero(
             (in_ref >= config.min_task_voxels) & (in_query >= config.min_task_voxels)
         )
+        absent = np.flatnonzero((in_ref >= config.min_task_voxels) & (in_query == 0))
         if best is None or len(ok) > len(best[2]):
-            best = (ref_o, query_o, ok, ref_crop, query_crop)
+            best = (ref_o, query_o, ok, absent, ref_crop, query_crop)
         if len(ok) >= config.max_tasks:
             break
     assert best is not None
-    ref_o, query_o, candidates, ref_crops, query_crops = best
+    ref_o, query_o, candidates, absent, ref_crops, query_crops = best
 
     chosen = (
         [] if query_crops is None else _pick_tasks(query_crops, candidates, config.max_tasks, rng)
@@ -255,6 +270,12 @@ def sample_pair(
         ref_masks[first : first + n] = ref_crops[chosen]
         query_masks[first : first + n] = query_crops[chosen]
         valid[first : first + n] = True
+    if config.absent_tasks and len(absent):
+        assert ref_crops is not None
+        gone = rng.permutation(absent)[: config.absent_tasks]
+        start = first + config.max_tasks
+        ref_masks[start : start + len(gone)] = ref_crops[gone]  # query target stays empty
+        valid[start : start + len(gone)] = True
     return {
         # Copies, never views: the volume may be a memory map that is closed after the sample.
         "ref_image": np.array(_crop(image, ref_o, size), dtype=np.float32),

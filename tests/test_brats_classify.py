@@ -19,6 +19,7 @@ from omnienc.benchmarks.brats_classify import (
     BratsBudget,
     budget_from_options,
     default_command,
+    encoder_setup,
     format_brats_classification_markdown,
     main,
     summary_metrics,
@@ -41,7 +42,7 @@ from omnienc.benchmarks.brats_loco import (
     summarise,
     train_scratch,
 )
-from omnienc.checkpoint import load_checkpoint_config
+from omnienc.checkpoint import load_checkpoint_config, save_encoder
 from omnienc.data.brats import BRAIN_MASK_FILE, LABEL_FILE, SEQUENCES, BratsCase, find_brats_cases
 from omnienc.encoders import build_encoder
 from omnienc.errors import DataError
@@ -335,3 +336,23 @@ def test_default_command_names_what_differs_from_the_mode() -> None:
     command = default_command("ckpt", None, True, 0, budget, ("t1c",))
     assert command.endswith("--encoder ckpt --quick --sequences t1c --per-class 6 --floor-seeds 2")
     assert default_command("ckpt", None, False, 0, BratsBudget()).endswith("--encoder ckpt")
+
+
+@pytest.mark.parametrize(
+    ("spacing", "crop", "expected"),
+    [
+        ((2.0, 2.0, 2.0), (32, 32, 32), (32, 32, 32)),  # the shipped recipe: unchanged
+        ((4.0, 4.0, 4.0), (32, 32, 32), (16, 16, 16)),  # 128 mm capped at 64 mm
+        ((3.0, 3.0, 3.0), (32, 32, 32), (21, 21, 21)),
+        ((1.0, 1.0, 1.0), (48, 48, 48), (48, 48, 48)),  # within 64 mm: the encoder's own crop
+    ],
+)
+def test_crops_are_capped_at_a_physical_size(tmp_path: Path, spacing, crop, expected) -> None:
+    path = save_encoder(
+        build_encoder("resconv_tiny"),
+        tmp_path / "enc",
+        Preprocessing(spacing=spacing),
+        meta={"crop_size": list(crop)},
+    )
+    _, pre, size = encoder_setup(path)
+    assert pre.spacing == spacing and size == expected

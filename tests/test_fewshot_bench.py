@@ -27,7 +27,12 @@ from omnienc.benchmarks.fewshot_pairs import (
     in_quick_subset,
     scans_by_key,
 )
-from omnienc.benchmarks.fewshot_report import bootstrap_mean, cells_of, summarize
+from omnienc.benchmarks.fewshot_report import (
+    bootstrap_mean,
+    bootstrap_pairs_mean,
+    cells_of,
+    summarize,
+)
 from omnienc.benchmarks.fewshot_scans import halves, read_scan, support_mask, whole
 from omnienc.benchmarks.fewshot_setup import DEFAULT_MIN_VOXELS
 from omnienc.benchmarks.registration import QUICK_REGISTRATION
@@ -130,8 +135,33 @@ def test_bootstrap_resamples_queries():
     assert bootstrap_mean([])["mean"] is None
 
 
+def test_pair_bootstrap_resamples_scan_pairs_not_queries():
+    # Two scan pairs: one with three queries at 0.9, one with one query at 0.1.
+    values, pairs = [0.9, 0.9, 0.9, 0.1], ["a", "a", "a", "b"]
+    s = bootstrap_pairs_mean(values, pairs, n_boot=4000)
+    assert s["mean"] == pytest.approx(0.7) and s["pairs"] == 2
+    # A replicate draws {a, a}, {a, b} or {b, b}: means 0.9, 0.7 or 0.1, nothing in between.
+    assert s["lo"] == pytest.approx(0.1) and s["hi"] == pytest.approx(0.9)
+    # Naive reference: the same replicates computed pair by pair.
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, 2, (4000, 2))
+    by_pair = {0: [0.9, 0.9, 0.9], 1: [0.1]}
+    means = [np.mean([v for k in d for v in by_pair[int(k)]]) for d in draws]
+    assert s["lo"] == pytest.approx(np.percentile(means, 2.5), abs=1e-4)
+    # Resampling queries instead would give a narrower interval around the same mean.
+    assert bootstrap_mean(values, n_boot=4000)["lo"] > s["lo"]
+    assert bootstrap_pairs_mean([], [])["mean"] is None
+
+
 def _row(group: str, structure: str, dice: dict[str, float], source: str | None = None) -> dict:
-    return {"group": group, "source": source or group, "structure": structure, "dice": dice}
+    return {
+        "group": group,
+        "source": source or group,
+        "structure": structure,
+        "dice": dice,
+        "supports": ["support"],
+        "query": "query",
+    }
 
 
 def test_summary_cells_and_paired_differences():

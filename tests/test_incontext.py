@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -73,6 +74,7 @@ def test_config_round_trip_and_unknown_key(cls):
         {"min_overlap": 0.0},
         {"min_overlap": 1.5},
         {"max_tasks": -1},
+        {"absent_tasks": -1},
         {"min_task_voxels": 0},
         {"max_tasks": 0, "whole_crop_task": False},
     ],
@@ -157,6 +159,36 @@ def test_masks_and_crops_are_aligned():
         assert valid.sum() == 1 + min(
             4, int(((ref_crops.sum((1, 2, 3)) >= 10) & (query_crops.sum((1, 2, 3)) >= 10)).sum())
         )
+
+
+def test_absent_tasks_are_in_the_reference_and_not_in_the_query():
+    shape = (64, 64, 64)
+    image, masks = _volume(shape, 40, seed=2)
+    cfg = PairConfig(crop_size=(32, 32, 32), max_tasks=2, min_task_voxels=8, absent_tasks=3)
+    assert cfg.num_tasks == 6
+    seen = 0
+    for seed in range(30):
+        pair = sample_pair(image, masks, cfg, np.random.default_rng(seed))
+        r, q = pair["ref_origin"], pair["query_origin"]
+        ref_crops, query_crops = _crop(masks, r, cfg.crop_size), _crop(masks, q, cfg.crop_size)
+        absent = (ref_crops.sum((1, 2, 3)) >= 8) & (query_crops.sum((1, 2, 3)) == 0)
+        slots = pair["task_valid"][3:]
+        assert slots.sum() == min(3, int(absent.sum()))
+        for t in 3 + np.flatnonzero(slots):
+            assert not pair["query_masks"][t].any()
+            # The reference mask is one of the absent proposals, cropped to the reference.
+            assert any(
+                np.array_equal(ref_crops[i], pair["ref_masks"][t] > 0)
+                for i in np.flatnonzero(absent)
+            )
+        seen += int(slots.sum())
+        # The present tasks are drawn exactly as without absent slots.
+        plain = sample_pair(
+            image, masks, dataclasses.replace(cfg, absent_tasks=0), np.random.default_rng(seed)
+        )
+        for key in ("ref_masks", "query_masks", "task_valid"):
+            assert np.array_equal(pair[key][:3], plain[key])
+    assert seen > 0
 
 
 def test_small_volume_is_padded_with_its_minimum():
@@ -404,6 +436,7 @@ def test_position_encoding():
 
 
 def _naive_loss(logits, target, valid):
+    """Dice over valid non-empty targets, BCE over all valid tasks, in float64 loops."""
     dices, bces = [], []
     for b in range(logits.shape[0]):
         for t in range(logits.shape[1]):
@@ -411,9 +444,13 @@ def _naive_loss(logits, target, valid):
                 continue
             x, y = logits[b, t].double().flatten(), target[b, t].double().flatten()
             p = 1.0 / (1.0 + torch.exp(-x))
-            dices.append((2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5))
+            if y.sum() > 0:
+                dices.append((2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5))
             bces.append(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean())
-    dice, bce = torch.stack(dices).mean(), torch.stack(bces).mean()
+    bce = torch.stack(bces).mean()
+    if not dices:
+        return bce, torch.zeros((), dtype=torch.float64), bce
+    dice = torch.stack(dices).mean()
     return 1 - dice + bce, dice, bce
 
 
@@ -429,6 +466,30 @@ def test_loss_matches_naive_reference():
     torch.testing.assert_close(out["dice"].double(), dice, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["bce"].double(), bce, rtol=1e-5, atol=1e-6)
     assert out["num_valid"] == valid.sum() and not out["dice"].requires_grad
+
+
+def test_loss_with_empty_targets_matches_naive_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 6, 5, 4, generator=g) * 2
+    target = (torch.rand(2, 5, 6, 5, 4, generator=g) > 0.6).float()
+    target[:, 3:] = 0.0  # absent structures: empty query targets
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    out = incontext_loss(logits, target, valid)
+    loss, dice, bce = _naive_loss(logits, target, valid)
+    torch.testing.assert_close(out["loss"].double(), loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["dice"].double(), dice, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["bce"].double(), bce, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_target_is_learned_by_bce_alone():
+    # Only absent tasks: no Dice term; predicting "nothing here" drives the loss to 0.
+    target = torch.zeros(1, 2, 8, 8, 8)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    silent = incontext_loss(torch.full_like(target, -30.0), target, valid)
+    assert silent["loss"] < 1e-6 and silent["dice"] == 0
+    firing = incontext_loss(torch.full_like(target, 3.0), target, valid)
+    torch.testing.assert_close(firing["loss"], firing["bce"])
+    assert firing["loss"] > 3.0
 
 
 def test_loss_analytic_cases():
