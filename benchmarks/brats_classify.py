@@ -34,13 +34,20 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from omnienc.adapters.classification import extract_features
+from omnienc.benchmarks.brats_budget import (
+    BUDGET_OPTIONS,
+    FULL_BUDGET,
+    QUICK_BUDGET,
+    BratsBudget,
+    budget_from_options,
+    budget_options,
+)
 from omnienc.benchmarks.brats_classify_report import (
     case_facts,
     data_files,
@@ -58,7 +65,6 @@ from omnienc.benchmarks.brats_crops import (
 )
 from omnienc.benchmarks.brats_loco import (
     CropItems,
-    ScratchBudget,
     intensity_features,
     probe_loco,
     scratch_loco,
@@ -92,41 +98,6 @@ MODULE = "python -m omnienc.benchmarks.brats_classify"
 DEFAULT_OUT = Path("benchmarks/results/bench/brats_classify")
 
 
-@dataclass(frozen=True)
-class BratsBudget:
-    """What the benchmark draws and trains (the full and quick modes differ only here).
-
-    Attributes:
-        per_class: Crops of each class per case.
-        min_distance: Smallest distance between two centres of one class, in voxels of a 2 mm
-            grid (scaled to the encoder's grid, so that it is the same distance in mm).
-        min_brain_fraction: Smallest share of brain in a crop.
-        floor_seeds: Seeds of the random-init encoders of the floor.
-        scratch_seeds: Seeds of the supervised-from-scratch runs.
-        scratch: The from-scratch training budget.
-        n_boot: Bootstrap replicates of every interval.
-    """
-
-    per_class: int = 24
-    min_distance: float = 6.0
-    min_brain_fraction: float = 0.5
-    floor_seeds: tuple[int, ...] = (0, 1, 2)
-    scratch_seeds: tuple[int, ...] = (0, 1, 2)
-    scratch: ScratchBudget = field(default_factory=ScratchBudget)
-    n_boot: int = 1000
-
-
-FULL_BUDGET = BratsBudget()
-QUICK_BUDGET = BratsBudget(
-    per_class=12,
-    min_distance=8.0,
-    floor_seeds=(0,),
-    scratch_seeds=(0,),
-    scratch=ScratchBudget(steps=20),
-    n_boot=500,
-)
-
-
 # The largest crop side in mm: 32 voxels at the shipped 2 mm. An encoder pretrained on a
 # coarser grid (4 mm: 32 voxels = 128 mm) gets crops of this physical size (16 voxels), so
 # every encoder is asked the same question about the same tissue.
@@ -155,47 +126,6 @@ def encoder_setup(spec: str | Path) -> tuple[EncoderUnderTest, Preprocessing, tu
         for c, s in zip(crop, spacing, strict=True)
     )
     return under_test, pre, capped
-
-
-# Budget options of the command line: name -> (type, what it sets).
-BUDGET_OPTIONS: dict[str, tuple[type, str]] = {
-    "per_class": (int, "crops per class per case"),
-    "min_distance": (float, "voxels between two centres of a class"),
-    "min_brain_fraction": (float, "least brain share of a crop"),
-    "floor_seeds": (int, "random-init floor encoders (seeds 0..N-1)"),
-    "scratch_seeds": (int, "from-scratch runs (seeds 0..N-1)"),
-    "scratch_steps": (int, "from-scratch steps per fold"),
-    "scratch_batch": (int, "from-scratch crops per step"),
-    "n_boot": (int, "bootstrap replicates"),
-}
-
-
-def budget_options(budget: BratsBudget) -> dict[str, float]:
-    """A budget as the values of :data:`BUDGET_OPTIONS` (seed tuples as their lengths)."""
-    return {
-        "per_class": budget.per_class,
-        "min_distance": budget.min_distance,
-        "min_brain_fraction": budget.min_brain_fraction,
-        "floor_seeds": len(budget.floor_seeds),
-        "scratch_seeds": len(budget.scratch_seeds),
-        "scratch_steps": budget.scratch.steps,
-        "scratch_batch": budget.scratch.batch_size,
-        "n_boot": budget.n_boot,
-    }
-
-
-def budget_from_options(base: BratsBudget, options: dict[str, Any]) -> BratsBudget:
-    """``base`` with the given :data:`BUDGET_OPTIONS` values (``None`` keeps base's)."""
-    given = {k: v for k, v in options.items() if k in BUDGET_OPTIONS and v is not None}
-    scratch = dataclasses.replace(
-        base.scratch,
-        steps=given.pop("scratch_steps", base.scratch.steps),
-        batch_size=given.pop("scratch_batch", base.scratch.batch_size),
-    )
-    for k in ("floor_seeds", "scratch_seeds"):
-        if k in given:
-            given[k] = tuple(range(given[k]))
-    return dataclasses.replace(base, scratch=scratch, **given)
 
 
 def default_command(

@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from omnienc.benchmarks.brats_budget import QUICK_BUDGET, BratsBudget, budget_from_options
 from omnienc.benchmarks.brats_classify import (
-    QUICK_BUDGET,
-    BratsBudget,
-    budget_from_options,
     default_command,
     encoder_setup,
     format_brats_classification_markdown,

@@ -11,12 +11,12 @@ import torch
 
 from omnienc.encoders import Encoder, build_encoder
 from omnienc.pretext.augment import PARAM_KEYS, augment_sample, draw_view_params
+from omnienc.pretext.fusion import sinusoidal_position_encoding_3d
 from omnienc.pretext.incontext import (
     HeadConfig,
     InContextHead,
     build_incontext_head,
     incontext_loss,
-    sinusoidal_position_encoding_3d,
 )
 from omnienc.pretext.pairs import PairConfig, sample_pair
 
