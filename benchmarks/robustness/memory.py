@@ -26,8 +26,9 @@ The stated bound (:func:`bound_mb`)::
     peak RSS <= base + 150 MB                                  (an input refused at once)
 
 ``base`` is measured on the machine that runs the benchmark (:func:`base_rss_mb`): the peak of
-a fresh process that imports the command line, torch and MONAI and loads the checkpoint, then
-exits. It is what every command pays before it reads a voxel, and it moves with the installed
+a fresh process that imports the command line, the two measured entry points' modules
+(``omnienc.embed``, ``omnienc.pretext.segment``), torch and MONAI and loads the checkpoint,
+then exits. It is what both commands pay before they read a voxel, and it moves with the installed
 packages, not with omnienc: MONAI imports transformers, matplotlib, pandas, scikit-learn and
 scikit-image when they are installed, and the CUDA build of torch maps several hundred MB of
 libraries (1150 MB on 2026-11-22, 1341 MB on 2026-12-01 and 1452 MB on a CI machine the same
@@ -104,14 +105,15 @@ def bound_mb(item: MemoryInput, base_mb: float, spacing: float = 2.0) -> float:
 def base_rss_mb(checkpoint: Path = CHECKPOINT) -> float:
     """Peak RSS in MB of a fresh process that pays what every command pays before any input.
 
-    It imports ``omnienc.cli``, torch and MONAI, loads ``checkpoint`` and exits; measured the
-    same way as the commands (:func:`peak_rss`).
+    It imports ``omnienc.cli``, ``omnienc.embed``, ``omnienc.pretext.segment``, torch and
+    MONAI, loads ``checkpoint`` and exits; measured the same way as the commands
+    (:func:`peak_rss`). (``omnienc.embed`` alone adds about 90 MB to the command line's imports.)
 
     Raises:
         RuntimeError: The process failed.
     """
     code = (
-        "import sys, monai, torch, omnienc.cli\n"
+        "import sys, monai, torch, omnienc.cli, omnienc.embed, omnienc.pretext.segment\n"
         "from omnienc.checkpoint import load_encoder\n"
         "load_encoder(sys.argv[1])\n"
     )
