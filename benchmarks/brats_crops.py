@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from omnienc.config import positive_int_triple
 from omnienc.data.brats import SEQUENCES, BratsCase, tumour_region
 from omnienc.data.labeled import GRID_ATOL, check_same_grid, read_label_map
 from omnienc.errors import DataError
@@ -68,10 +69,7 @@ class CropSampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        size = tuple(int(s) for s in self.crop_size)
-        if len(size) != 3 or min(size) < 1:
-            raise ValueError(f"crop_size must be three positive ints, got {self.crop_size!r}")
-        object.__setattr__(self, "crop_size", size)
+        object.__setattr__(self, "crop_size", positive_int_triple("crop_size", self.crop_size))
         if self.per_class < 1 or self.min_distance < 0:
             raise ValueError(
                 f"need per_class >= 1 and min_distance >= 0, got {self.per_class}, "

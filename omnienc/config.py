@@ -21,6 +21,22 @@ T = TypeVar("T")
 J = TypeVar("J", bound="JsonConfig")
 
 
+def positive_int_triple(name: str, value: Any) -> tuple[int, int, int]:
+    """``value`` (a crop or grid size) as three positive ints.
+
+    Raises:
+        ValueError: ``value`` is not three positive whole numbers; the message names ``name``.
+    """
+    try:
+        size = tuple(int(s) for s in value)
+        whole = size == tuple(value)
+    except (TypeError, ValueError):
+        size, whole = (), False
+    if len(size) != 3 or min(size) < 1 or not whole:
+        raise ValueError(f"{name} must be three positive ints, got {value!r}")
+    return size[0], size[1], size[2]
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-serialisable dict of a config dataclass (tuples become lists)."""
     return {

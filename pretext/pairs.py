@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omnienc.config import JsonConfig
+from omnienc.config import JsonConfig, positive_int_triple
 from omnienc.pretext.corpus import PackedMasks
 
 # Proposals whose query-crop IoU exceeds this count as "the same structure" when picking tasks.
@@ -57,14 +57,10 @@ class PairConfig(JsonConfig):
     max_tasks: int = 8
     min_task_voxels: int = 32
     whole_crop_task: bool = True
-    # Off by default: at 1,500 steps it changed no few-shot cell (results/pretrain.md).
     absent_tasks: int = 0
 
     def __post_init__(self) -> None:
-        size = tuple(int(s) for s in self.crop_size)
-        if len(size) != 3 or min(size) < 1 or size != tuple(self.crop_size):
-            raise ValueError(f"crop_size must be three positive ints, got {self.crop_size!r}")
-        object.__setattr__(self, "crop_size", size)
+        object.__setattr__(self, "crop_size", positive_int_triple("crop_size", self.crop_size))
         if not 0.0 < float(self.min_overlap) <= 1.0:
             raise ValueError(f"min_overlap must be in (0, 1], got {self.min_overlap}")
         if self.max_tasks < 0:
