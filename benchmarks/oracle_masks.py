@@ -60,7 +60,7 @@ def oracle_masks(
     image_path = (volumes / scan.image).resolve()
     entries = [
         e
-        for folder in module._folders(progress=False)
+        for folder in module.volume_folders()
         for e in folder.entries
         if Path(e.source).resolve() == image_path
     ]
@@ -82,7 +82,7 @@ def oracle_masks(
     masks = [np.isin(grid, s.ids) for s in scan.structures]
     kept = [m for m in masks if int(m.sum()) >= min_voxels]
     stack = np.stack(kept) if kept else np.zeros((0, *grid.shape), dtype=bool)
-    return mask_cache_path(entry, module.config.masks, module._cache_dir()), stack
+    return mask_cache_path(entry, module.config.masks, module.cache_dir()), stack
 
 
 def write_oracle_cache(

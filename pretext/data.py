@@ -203,7 +203,8 @@ class PretrainDataModule(pl.LightningDataModule):
         # them again would warn twice about every skipped file.
         self._folder_list: list[VolumeFolder] | None = None
 
-    def _cache_dir(self) -> Path:
+    def cache_dir(self) -> Path:
+        """The preprocessing and mask cache: ``data.cache_dir``, else the default cache."""
         from omnienc.data.folder import default_cache_dir
 
         return Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
@@ -217,13 +218,14 @@ class PretrainDataModule(pl.LightningDataModule):
             paths.append(p)
         return paths
 
-    def _folders(self, progress: bool) -> list[VolumeFolder]:
+    def volume_folders(self, progress: bool = False) -> list[VolumeFolder]:
+        """The scanned volume folders of ``data.roots``, built once per process."""
         if self._folder_list is None:
             self._folder_list = [
                 VolumeFolder(
                     root,
                     self.config.preprocessing,
-                    cache_dir=self._cache_dir(),
+                    cache_dir=self.cache_dir(),
                     min_size=self.config.min_size,
                     progress=progress,
                 )
@@ -232,11 +234,11 @@ class PretrainDataModule(pl.LightningDataModule):
         return self._folder_list
 
     def prepare_data(self) -> None:
-        for folder in self._folders(progress=True):
+        for folder in self.volume_folders(progress=True):
             compute_folder_masks(
                 folder,
                 self.config.masks,
-                self._cache_dir(),
+                self.cache_dir(),
                 workers=self.config.mask_workers,
                 progress=True,
             )
@@ -263,7 +265,7 @@ class PretrainDataModule(pl.LightningDataModule):
             json.dumps([name, cfg.to_dict(), len(cubes)], sort_keys=True).encode(),
             digest_size=12,
         ).hexdigest()
-        path = self._cache_dir() / f"medmnist-masks-{name}-{key}.npz"
+        path = self.cache_dir() / f"medmnist-masks-{name}-{key}.npz"
         shape = cubes[0].shape[1:]
         if path.exists():
             try:
@@ -287,9 +289,9 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         volumes: list[Volume] = []
-        for folder in self._folders(progress=False):
+        for folder in self.volume_folders(progress=False):
             results = compute_folder_masks(
-                folder, self.config.masks, self._cache_dir(), workers=1, progress=False
+                folder, self.config.masks, self.cache_dir(), workers=1, progress=False
             )
             by_source = {r.source: r for r in results}
             for entry in folder.entries:
