@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from omnienc import __version__
 from omnienc.cli.bench import BENCH_JOBS, bench_arguments
@@ -29,6 +30,28 @@ from omnienc.cli.publish import export_arguments
 from omnienc.errors import OmniencError
 
 logger = logging.getLogger("omnienc")
+
+
+# Subcommands whose arguments a jsonargparse run config owns: name -> (module with main(argv),
+# help line). argparse only lists them; main() hands them everything after their name.
+RUN_CONFIG_COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("omnienc.pretext.train", "pretrain the shared encoder (Lightning)"),
+    "align": (
+        "omnienc.adapters.language.alignment",
+        "train a projector from the frozen encoder into a causal LM (Lightning)",
+    ),
+}
+
+
+def _add_run_config_command(sub: Any, name: str) -> None:
+    """List a :data:`RUN_CONFIG_COMMANDS` subcommand; its arguments are parsed in main()."""
+    p = sub.add_parser(
+        name,
+        help=RUN_CONFIG_COMMANDS[name][1],
+        add_help=False,
+        description=f"See `omnienc {name} --help`.",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)  # handled in main() before argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,13 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_arguments(p)
 
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain the shared encoder (Lightning)",
-        add_help=False,
-        description="See `omnienc pretrain --help`.",
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER)  # handled in main() before argparse
+    _add_run_config_command(sub, "pretrain")
 
     p = sub.add_parser(
         "masks",
@@ -109,13 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment_arguments(p)
 
-    p = sub.add_parser(
-        "align",
-        help="train a projector from the frozen encoder into a causal LM (Lightning)",
-        add_help=False,
-        description="See `omnienc align --help`.",
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER)  # handled in main() before argparse
+    _add_run_config_command(sub, "align")
 
     p = sub.add_parser(
         "describe",
@@ -158,23 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``omnienc`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["pretrain"] or argv[:2] == ["--debug", "pretrain"]:
-        # jsonargparse owns everything after `pretrain` (dotted overrides, --config files).
-        debug = argv[0] == "--debug"
-        logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
-        from omnienc.pretext.train import main as pretrain_main
-
-        rest = argv[2:] if debug else argv[1:]
-        return _report_errors(lambda: pretrain_main(rest), debug, "omnienc pretrain")
-    if argv[:1] == ["align"] or argv[:2] == ["--debug", "align"]:
-        # jsonargparse owns everything after `align`, as for `pretrain`.
-        debug = argv[0] == "--debug"
-        logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
-        from omnienc.adapters.language.alignment import main as align_main
-
-        rest = argv[2:] if debug else argv[1:]
-        return _report_errors(lambda: align_main(rest), debug, "omnienc align")
     lead = 2 if argv[:1] == ["--debug"] else 1
+    if argv[lead - 1 : lead] and argv[lead - 1] in RUN_CONFIG_COMMANDS:
+        # jsonargparse owns everything after `pretrain` / `align` (dotted overrides, --config).
+        import importlib
+
+        name = argv[lead - 1]
+        logging.basicConfig(level=logging.INFO, format="omnienc: %(levelname)s: %(message)s")
+        run = importlib.import_module(RUN_CONFIG_COMMANDS[name][0]).main
+        rest = argv[lead:]
+        return _report_errors(lambda: run(rest), lead == 2, f"omnienc {name}")
     if argv[lead - 1 : lead] == ["bench"] and argv[lead : lead + 1] and argv[lead] in BENCH_JOBS:
         # These jobs parse their own arguments, as `pretrain` does.
         import importlib
