@@ -26,7 +26,7 @@ from omnienc.optim import adamw_warmup_cosine, decay_groups
 from omnienc.pretext.augment import PARAM_KEYS
 from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
 from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
-from omnienc.pretext.monai_ssl import MonaiSSLConfig, MonaiSSLObjective
+from omnienc.pretext.monai_ssl import InpaintingObjective, MonaiSSLConfig, MonaiSSLObjective
 
 RECIPES = ("mass", "monai_ssl")
 
@@ -48,6 +48,10 @@ class ModelConfig:
         contrastive: The contrastive projection head and loss.
         incontext_weight: Weight of Dice + BCE; 0 switches the objective off (``mass``).
         contrastive_weight: Weight of the contrastive loss; 0 switches it off (``mass``).
+        inpaint_weight: Weight of MONAI's inpainting loss (L1 reconstruction of corrupted
+            reference crops, :class:`~omnienc.pretext.monai_ssl.InpaintingObjective`, with the
+            corruptions of ``monai_ssl``) added to the ``mass`` recipe; 0 (default) leaves it
+            out. It costs one more encoder pass over the reference crops.
         monai_ssl: Losses and corruptions of the ``monai_ssl`` recipe.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -64,6 +68,7 @@ class ModelConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     incontext_weight: float = 1.0
     contrastive_weight: float = 1.0
+    inpaint_weight: float = 0.0
     monai_ssl: MonaiSSLConfig = field(default_factory=MonaiSSLConfig)
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -74,10 +79,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if self.incontext_weight < 0 or self.contrastive_weight < 0:
+        weights = (self.incontext_weight, self.contrastive_weight, self.inpaint_weight)
+        if min(weights) < 0:
             raise ValueError("loss weights must be >= 0")
-        if self.incontext_weight == 0 and self.contrastive_weight == 0:
-            raise ValueError("both objectives are switched off; set a weight > 0")
+        if max(weights) == 0:
+            raise ValueError("every objective is switched off; set a weight > 0")
 
     @property
     def method(self) -> str:
@@ -95,6 +101,8 @@ class ModelConfig:
             parts.append("incontext")
         if self.contrastive_weight > 0:
             parts.append(self.contrastive.kind)
+        if self.inpaint_weight > 0:
+            parts.append("inpaint")
         return "+".join(parts)
 
 
@@ -129,6 +137,11 @@ class PretrainModule(pl.LightningModule):
         self.monai_ssl = (
             None if mass else MonaiSSLObjective(self.encoder, self.crop_size, config.monai_ssl)
         )
+        self.inpainting = (
+            InpaintingObjective(self.encoder, self.crop_size, config.monai_ssl)
+            if mass and config.inpaint_weight > 0
+            else None
+        )
         self.schedule_steps: int | None = config.schedule_steps
 
     def forward_pair(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,11 +152,12 @@ class PretrainModule(pl.LightningModule):
                 ``query_masks`` ``(B, T, S, S, S)``, ``task_valid`` ``(B, T)``.
 
         Returns:
-            ``loss`` (weighted sum) and its parts ``incontext``, ``dice``, ``contrastive``.
+            ``loss`` (weighted sum) and its parts ``incontext``, ``dice``, ``contrastive``,
+            ``inpaint``.
         """
         ref, query = batch["ref_image"], batch["query_image"]
+        seed = (self.seed * 1_000_003 + int(self.global_step)) * 1_009 + self.global_rank
         if self.monai_ssl is not None:
-            seed = (self.seed * 1_000_003 + int(self.global_step)) * 1_009 + self.global_rank
             return self.monai_ssl(self.encoder, ref, query, seed=seed)
         b = ref.shape[0]
         feats = self.encoder.forward_intermediates(torch.cat([ref, query]))
@@ -162,6 +176,10 @@ class PretrainModule(pl.LightningModule):
             c = self.contrastive(pooled[:b], pooled[b:])
             loss = loss + self.config.contrastive_weight * c
             out["contrastive"] = c.detach()
+        if self.inpainting is not None:
+            l1 = self.inpainting.inpainting_loss(self.encoder, ref, seed=seed)
+            loss = loss + self.config.inpaint_weight * l1
+            out["inpaint"] = l1.detach()
         out["loss"] = loss
         return out
 

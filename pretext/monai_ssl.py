@@ -24,6 +24,7 @@ batch as negatives (it does not gather across ranks under DDP, unlike the MASS r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,18 @@ def _split_stride(stride: int) -> tuple[int, int]:
     return first, stride // first
 
 
-class MonaiSSLObjective(nn.Module):
-    """Decoder, rotation head, projection and the three losses of the MONAI recipe.
+class InpaintingObjective(nn.Module):
+    """MONAI's inpainting part alone: corrupt views, reconstruct them from the deepest features.
+
+    The MONAI recipe (:class:`MonaiSSLObjective`) builds on it; the MASS recipe adds its
+    :meth:`inpainting_loss` on the reference crops as an auxiliary loss
+    (``model.inpaint_weight``).
 
     Args:
-        encoder: The encoder being pretrained (only its ``embed_dim`` and deepest stride are read).
-        crop_size: ``(S, S, S)`` crops; the rotation needs the two in-plane sizes equal.
-        config: Weights, temperature and corruption sizes.
+        encoder: The encoder being pretrained (only its ``embed_dim``, input channels and deepest
+            stride are read).
+        crop_size: ``(S_x, S_y, S_z)`` crops.
+        config: Corruption sizes and decoder width (the loss weights are not read here).
     """
 
     def __init__(
@@ -101,21 +107,12 @@ class MonaiSSLObjective(nn.Module):
         super().__init__()
         self.config = config
         self.crop_size = tuple(int(s) for s in crop_size)
-        if self.crop_size[0] != self.crop_size[1]:
-            raise ValueError(
-                f"the rotation of the MONAI recipe turns the (x, y) plane; crop_size must have "
-                f"equal x and y, got {self.crop_size}"
-            )
-        dim = encoder.embed_dim
         stride = int(encoder.feature_info[-1]["reduction"])
         up1, up2 = _split_stride(stride)
         self.decoder = nn.Sequential(
-            nn.ConvTranspose3d(dim, config.deconv_chns, kernel_size=up1, stride=up1),
+            nn.ConvTranspose3d(encoder.embed_dim, config.deconv_chns, kernel_size=up1, stride=up1),
             nn.ConvTranspose3d(config.deconv_chns, encoder.config.in_chans, up2, stride=up2),
         )
-        self.rotation_head = nn.Linear(dim, 4)
-        self.projection = nn.Linear(dim, config.proj_dim)
-        self.contrastive_loss = ContrastiveLoss(temperature=config.temperature)
         side = min(self.crop_size)
         scale = side / _TUTORIAL_CROP
 
@@ -146,11 +143,11 @@ class MonaiSSLObjective(nn.Module):
         """MONAI's corruption of each view: one of the two dropouts, then (maybe) a shuffle.
 
         Args:
-            views: ``(N, C, S, S, S)`` clean views.
+            views: ``(N, C, S_x, S_y, S_z)`` clean views.
             seed: Seeds the dropout choice and MONAI's random transforms.
 
         Returns:
-            ``(N, C, S, S, S)`` corrupted copies (``views`` is not changed).
+            ``(N, C, S_x, S_y, S_z)`` corrupted copies (``views`` is not changed).
         """
         generator = torch.Generator().manual_seed(seed)
         for i, t in enumerate((*self._dropouts, self._shuffle)):
@@ -162,6 +159,50 @@ class MonaiSSLObjective(nn.Module):
         for view, k in zip(copies, choice.tolist(), strict=True):
             out.append(torch.as_tensor(self._shuffle(self._dropouts[k](view))))
         return torch.stack(out).to(device=views.device, dtype=views.dtype)
+
+    def reconstruct(self, feats: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Decode ``(N, E, d, h, w)`` deepest features to ``(N, C, *size)`` voxels."""
+        return self.decoder(feats)[(..., *(slice(0, int(s)) for s in size))]
+
+    def inpainting_loss(self, encoder: Encoder, views: torch.Tensor, seed: int) -> torch.Tensor:
+        """L1 between the clean views and their reconstruction from corrupted copies.
+
+        Args:
+            encoder: The encoder being pretrained.
+            views: ``(N, C, S_x, S_y, S_z)`` clean views.
+            seed: Seeds the corruptions (see :meth:`corrupt`).
+
+        Returns:
+            The scalar L1 loss, computed in float32.
+        """
+        feats = encoder.forward_features(self.corrupt(views, seed))
+        recon = self.reconstruct(feats, views.shape[2:])
+        with torch.autocast(device_type=views.device.type, enabled=False):
+            return F.l1_loss(recon.float(), views.float())
+
+
+class MonaiSSLObjective(InpaintingObjective):
+    """Decoder, rotation head, projection and the three losses of the MONAI recipe.
+
+    Args:
+        encoder: The encoder being pretrained (only its ``embed_dim`` and deepest stride are read).
+        crop_size: ``(S, S, S)`` crops; the rotation needs the two in-plane sizes equal.
+        config: Weights, temperature and corruption sizes.
+    """
+
+    def __init__(
+        self, encoder: Encoder, crop_size: tuple[int, int, int], config: MonaiSSLConfig
+    ) -> None:
+        if int(crop_size[0]) != int(crop_size[1]):
+            raise ValueError(
+                f"the rotation of the MONAI recipe turns the (x, y) plane; crop_size must have "
+                f"equal x and y, got {tuple(int(s) for s in crop_size)}"
+            )
+        super().__init__(encoder, crop_size, config)
+        dim = encoder.embed_dim
+        self.rotation_head = nn.Linear(dim, 4)
+        self.projection = nn.Linear(dim, config.proj_dim)
+        self.contrastive_loss = ContrastiveLoss(temperature=config.temperature)
 
     def forward(
         self, encoder: Encoder, ref: torch.Tensor, query: torch.Tensor, seed: int
@@ -187,7 +228,7 @@ class MonaiSSLObjective(nn.Module):
             [torch.rot90(v, int(k), dims=(1, 2)) for v, k in zip(clean, turns, strict=True)]
         )
         feats = encoder.forward_features(self.corrupt(clean, seed + 1))
-        recon = self.decoder(feats)[(..., *(slice(0, s) for s in clean.shape[2:]))]
+        recon = self.reconstruct(feats, clean.shape[2:])
         pooled = feats.mean(dim=(2, 3, 4))
         cfg = self.config
         out: dict[str, torch.Tensor] = {}

@@ -9,7 +9,13 @@ import torch
 
 from omnienc.encoders import build_encoder
 from omnienc.io import read_volume
-from omnienc.pretext.monai_ssl import MonaiSSLConfig, MonaiSSLObjective, _split_stride
+from omnienc.pretext.module import ModelConfig, PretrainModule
+from omnienc.pretext.monai_ssl import (
+    InpaintingObjective,
+    MonaiSSLConfig,
+    MonaiSSLObjective,
+    _split_stride,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +93,52 @@ def test_config_refuses_no_loss_and_bad_values():
     with pytest.raises(ValueError, match="shuffle_prob"):
         MonaiSSLConfig(shuffle_prob=1.5)
     assert MonaiSSLConfig.from_dict(MonaiSSLConfig(holes=3).to_dict()).holes == 3
+
+
+def test_inpainting_alone_reconstructs_from_corrupted_views_and_trains_encoder_and_decoder(crops):
+    ref, _ = crops
+    encoder = build_encoder("resconv_tiny")
+    objective = InpaintingObjective(encoder, (32, 32, 32), MonaiSSLConfig())
+    loss = objective.inpainting_loss(encoder, ref, seed=0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for part in (encoder, objective.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    # The loss is L1 against the clean views: a decoder that outputs the views scores 0.
+    with torch.no_grad():
+        feats = encoder.forward_features(objective.corrupt(ref, seed=0))
+        recon = objective.reconstruct(feats, ref.shape[2:])
+    assert recon.shape == ref.shape
+    assert torch.isclose(loss, (recon - ref).abs().mean(), atol=1e-6)
+    # No rotation, so a non-square axial plane is fine (unlike the MONAI recipe).
+    InpaintingObjective(encoder, (32, 48, 32), MonaiSSLConfig())
+
+
+def test_mass_recipe_with_inpainting_adds_the_loss_and_only_its_decoder():
+    base = ModelConfig(encoder="resconv_tiny")
+    mixed = ModelConfig(encoder="resconv_tiny", inpaint_weight=0.5)
+    assert base.method == "incontext+ntxent" and mixed.method == "incontext+ntxent+inpaint"
+    assert PretrainModule(base, (32, 32, 32)).inpainting is None
+    module = PretrainModule(mixed, (32, 32, 32))
+    assert isinstance(module.inpainting, InpaintingObjective)
+    assert not hasattr(module.inpainting, "rotation_head")  # nothing DDP would find unused
+    b, t = 2, 5
+    batch = {
+        "ref_image": torch.rand(b, 1, 32, 32, 32),
+        "query_image": torch.rand(b, 1, 32, 32, 32),
+        "ref_masks": torch.ones(b, t, 32, 32, 32),
+        "query_masks": torch.ones(b, t, 32, 32, 32),
+        "task_valid": torch.ones(b, t, dtype=torch.bool),
+    }
+    out = module.forward_pair(batch)
+    parts = out["incontext"] + out["contrastive"] + 0.5 * out["inpaint"]
+    assert torch.isclose(out["loss"].detach(), parts, rtol=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in module.inpainting.parameters())
+    # Inpainting alone is a valid MASS-recipe objective; nothing at all is not.
+    alone = ModelConfig(incontext_weight=0, contrastive_weight=0, inpaint_weight=1)
+    assert alone.method == "inpaint"
+    with pytest.raises(ValueError, match="switched off"):
+        ModelConfig(incontext_weight=0, contrastive_weight=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        ModelConfig(inpaint_weight=-1)
