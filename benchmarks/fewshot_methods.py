@@ -13,6 +13,7 @@ threshold), and :func:`score` gives Dice and the diagnostics on that grid.
   ``segment_fewshot`` itself. :meth:`~EncoderMethods.similarity` is the frozen-feature prototype
   matcher of :mod:`omnienc.adapters.segmentation.prototype` on the same windows (k supports
   average their prototypes).
+* :func:`within_mm`: the atlas region of the atlas-localised diagnostics.
 * :func:`intensity_mask`: the support structure's mean +- ``k`` SD of the preprocessed
   intensity, the query's largest connected component inside that window (k supports pool their
   voxels).
@@ -126,6 +127,29 @@ def _resample(
         high *= w
         low += high
         out = low
+    return out
+
+
+def within_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """The voxels within ``margin_mm`` of a mask (its Euclidean dilation in millimetres).
+
+    The distance transform runs only on the mask's bounding box widened by the margin.
+
+    Args:
+        mask: ``(X, Y, Z)`` bool.
+        spacing: ``(3,)`` voxel size in mm.
+        margin_mm: Largest distance, >= 0.
+
+    Returns:
+        ``(X, Y, Z)`` bool, a superset of ``mask`` (empty for an empty mask).
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    pad = np.ceil(margin_mm / np.asarray(spacing, np.float64)).astype(int)
+    box = truth_box(mask, [int(v) for v in pad])
+    dist = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
+    out[box] = dist <= margin_mm
     return out
 
 

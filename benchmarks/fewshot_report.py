@@ -27,6 +27,8 @@ METHOD_LABELS = {
     "prototype_random": "prototype (random-init)",
     "intensity": "intensity",
     "registration": "registration",
+    "head_atlas": "head in atlas region",
+    "prototype_atlas": "prototype in atlas region",
 }
 # Paired comparisons reported with their interval: (method, reference).
 COMPARISONS = (
@@ -34,6 +36,8 @@ COMPARISONS = (
     ("prototype", "prototype_random"),
     ("head", "prototype"),
     ("head", "registration"),
+    ("head_atlas", "registration"),
+    ("head_atlas", "prototype_atlas"),
 )
 N_BOOT = 2000
 

@@ -28,6 +28,7 @@ from omnienc.benchmarks.fewshot_methods import (
     native_mask,
     score,
     truth_box,
+    within_mm,
 )
 from omnienc.benchmarks.fewshot_pairs import Structure, in_quick_subset
 from omnienc.benchmarks.fewshot_scans import (
@@ -40,7 +41,7 @@ from omnienc.benchmarks.fewshot_scans import (
     support_mask,
     whole,
 )
-from omnienc.benchmarks.fewshot_setup import ROLE_OF, Roles, Settings
+from omnienc.benchmarks.fewshot_setup import ATLAS_OF, ROLE_OF, Roles, Settings
 from omnienc.benchmarks.registration import (
     majority_vote,
     register_atlas,
@@ -133,9 +134,16 @@ class FewshotRun:
                     self._seconds[m] += time.perf_counter() - start
 
     def _method(self, kind: str, role: str) -> str | None:
-        """The method of ``kind`` (``head``/``prototype``) on ``role``'s encoder, if it runs."""
+        """The method of ``kind`` (``head``/``prototype``) on ``role``'s encoder, if it runs.
+
+        On the pretrained encoder, ``kind`` also runs (unscored) for its atlas diagnostic.
+        """
         name = kind if role == "pretrained" else f"{kind}_random"
-        return name if name in self.methods else None
+        if name in self.methods:
+            return name
+        if role == "pretrained" and f"{kind}_atlas" in self.methods:
+            return f"{kind}_atlas"
+        return None
 
     def _target(self, row: Row, view: View, st: Structure) -> Target:
         """The truth of a row on its query view, and the box outside which predictions are far.
@@ -202,23 +210,36 @@ class FewshotRun:
         windows: dict[str, WindowFeatures],
         refs: dict[str, list[Reference]],
         sims: dict[str, np.ndarray],
-    ) -> None:
+    ) -> dict[str, np.ndarray]:
         """Score the head and prototype methods of every role on one query view.
 
         ``sims[role]`` is the ``(x, y, z)`` similarity map to the supports' mean prototype
         (computed for several rows in one sweep by the caller).
+
+        Returns:
+            The native masks of the pretrained ``head`` and ``prototype`` (when they ran), for
+            the atlas-localised diagnostics.
         """
+        masks = {}
         for role, em in ((r, self.roles.encoders[r]) for r in self._roles):
             proto, head = self._method("prototype", role), self._method("head", role)
             if proto is not None:
                 with self._clock(proto):
                     thr = float(np.mean([r.threshold for r in refs[role]]))
-                    self._score(target, proto, self._to_native(sims[role], target.view, thr))
+                    pred = self._to_native(sims[role], target.view, thr)
+                    if proto in self.methods and proto not in ATLAS_OF:
+                        self._score(target, proto, pred)
+                    if role == "pretrained":
+                        masks["prototype"] = pred
             if head is not None:
                 with self._clock(head):
                     prob = em.head_probabilities(windows[role], refs[role])
                     pred = self._to_native(prob, target.view, self.settings.threshold)
-                    self._score(target, head, pred)
+                    if head not in ATLAS_OF:
+                        self._score(target, head, pred)
+                    if role == "pretrained":
+                        masks["head"] = pred
+        return masks
 
     def _intensity(self, target: Target, supports: list[tuple[np.ndarray, np.ndarray]]) -> None:
         if "intensity" in self.methods:
@@ -352,14 +373,22 @@ class FewshotRun:
         for i, row in enumerate(rows):
             st = row.structure
             target = self._target(row, view, st)
-            self._encoder_methods(target, windows, refs[i], {r: v[i] for r, v in sims.items()})
+            masks = self._encoder_methods(
+                target, windows, refs[i], {r: v[i] for r, v in sims.items()}
+            )
             supports = [self.prepared[s] for s in row.supports]
             self._intensity(target, [(s.pre_image, support_mask(whole(s), st)) for s in supports])
-            if "registration" in self.methods:
-                with self._clock("registration"):
+            atlas = [m for m in ATLAS_OF if m in self.methods]
+            if "registration" in self.methods or atlas:
+                with self._clock("registration", *atlas):
                     for s in row.supports:
                         if s not in warps:
                             warps[s] = self._warp(s, scan.scan.key)
                     pred = majority_vote([np.isin(warps[s], st.ids) for s in row.supports])
+                if "registration" in self.methods:
                     self._score(target, "registration", pred)
+                if atlas:
+                    region = within_mm(pred, scan.image.spacing, self.settings.atlas_margin_mm)
+                    for m in atlas:
+                        self._score(target, m, masks[ATLAS_OF[m]] & region)
             self._done(row)

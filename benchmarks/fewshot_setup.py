@@ -21,13 +21,26 @@ from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import build_incontext_head
 from omnienc.pretext.segment import HEAD_NAME, load_incontext_head
 
-METHODS = ("head", "head_random", "prototype", "prototype_random", "intensity", "registration")
+METHODS = (
+    "head",
+    "head_random",
+    "prototype",
+    "prototype_random",
+    "intensity",
+    "registration",
+    "head_atlas",
+    "prototype_atlas",
+)
 """Every method, in table order."""
+ATLAS_OF = {"head_atlas": "head", "prototype_atlas": "prototype"}
+"""The atlas-localised diagnostics and the method whose mask each restricts to the atlas region."""
 ROLE_OF = {
     "head": "pretrained",
     "prototype": "pretrained",
     "head_random": "random",
     "prototype_random": "random",
+    "head_atlas": "pretrained",
+    "prototype_atlas": "pretrained",
 }
 """Which encoder an encoder-based method uses."""
 DEFAULT_MIN_VOXELS = 400  # just under the smaller pyradiomics lesion (brain2: 453 voxels)
@@ -54,6 +67,8 @@ class Settings:
         threshold: Probability threshold of the head (as ``segment_fewshot``).
         intensity_k: Half-width of the intensity window in standard deviations.
         batch_size: Windows per encoder call.
+        atlas_margin_mm: The atlas region of ``head_atlas`` and ``prototype_atlas``: voxels
+            within this many mm of the registration's warped support mask.
     """
 
     shots: int
@@ -65,6 +80,7 @@ class Settings:
     threshold: float = 0.5
     intensity_k: float = 1.5
     batch_size: int = 4
+    atlas_margin_mm: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
@@ -126,7 +142,9 @@ def build_roles(spec: str, seed: int, overlap: float = 0.5) -> Roles:
             {
                 "head": why,
                 "head_random": why,
+                "head_atlas": why,
                 "prototype": f"{spec} is itself random-init: see prototype_random",
+                "prototype_atlas": f"{spec} is itself random-init: see prototype_random",
             },
         )
     path = Path(spec)
@@ -141,7 +159,7 @@ def build_roles(spec: str, seed: int, overlap: float = 0.5) -> Roles:
         head, meta = load_incontext_head(path, encoder)
     else:
         why = f"{path} holds no in-context head"
-        unavailable = {"head": why, "head_random": why}
+        unavailable = {"head": why, "head_random": why, "head_atlas": why}
     floor = random_like(encoder, seed).eval()  # seeds torch, so the floor head is seeded too
     if head is not None:
         floor_head = build_incontext_head(floor.feature_info, meta[HEAD_NAME]).eval()
@@ -179,5 +197,10 @@ def method_descriptions(methods: list[str], settings: Settings) -> dict[str, str
         "warped by nearest neighbour; k atlases by majority vote (at least half); not run on the "
         "diagnostic rows (a scan registered onto itself is the identity, which the tests check; "
         "two halves of a scan hold different anatomy, nothing to register)",
+        "head_atlas": "the head's mask kept only within "
+        f"{settings.atlas_margin_mm:g} mm of the registration's warped support mask: how well "
+        "the head delineates once registration gives the location (a diagnostic; cross-scan "
+        "rows only)",
+        "prototype_atlas": "the prototype matcher's mask restricted the same way",
     }
     return {m: text[m] for m in methods}

@@ -335,8 +335,15 @@ def test_tiny_run_payload(tiny_payload: dict):
     assert groups.count("CT") >= 2 and "identity" in groups
     for row in p["rows"]:
         assert all(0.0 <= d <= 1.0 for d in row["dice"].values())
-        expected = set(METHODS) - ({"registration"} if row["group"] != "CT" else set())
+        after_registration = {"registration", "head_atlas", "prototype_atlas"}
+        expected = set(METHODS) - (after_registration if row["group"] != "CT" else set())
         assert set(row["dice"]) == expected, row["group"]
+        if row["group"] == "CT":  # the atlas diagnostics only take voxels away
+            for m in ("head", "prototype"):
+                full, kept = row["scores"][m], row["scores"][f"{m}_atlas"]
+                assert kept["pred_voxels"] <= full["pred_voxels"]
+                far_voxels = [(s["far"] or 0.0) * s["pred_voxels"] for s in (kept, full)]
+                assert far_voxels[0] <= far_voxels[1] + 0.5
         assert row["query_voxels"] >= (200 if row["group"] != "intra-scan" else 100)
     assert "CT" in p["summary"]["cells"] and "identity CT" in p["summary"]["cells"]
     assert set(p["seconds_per_query"]) == set(METHODS)

@@ -26,6 +26,7 @@ from omnienc.benchmarks.fewshot_methods import (
     native_mask,
     score,
     truth_box,
+    within_mm,
 )
 from omnienc.benchmarks.registration import (
     RegistrationConfig,
@@ -183,6 +184,19 @@ def test_score_counts_far_false_positives():
     assert s["dice"] == pytest.approx(2 * 125 / 375, abs=1e-4)
     empty = score(np.zeros_like(truth), truth, box)
     assert empty["dice"] == 0.0 and empty["precision"] is None and empty["far"] is None
+
+
+def test_within_mm_is_the_millimetre_dilation_of_a_naive_distance_map():
+    mask = np.zeros((30, 24, 12), bool)
+    mask[10:13, 8:10, 5] = True
+    mask[25, 20, 10] = True
+    spacing = (0.8, 1.0, 3.0)
+    dist = ndimage.distance_transform_edt(~mask, sampling=spacing)  # on the whole grid
+    for margin in (0.0, 2.5, 3.0, 7.0):
+        got = within_mm(mask, spacing, margin)
+        assert np.array_equal(got, dist <= margin), margin
+    assert within_mm(mask, spacing, 3.0)[11, 9, 4] and not within_mm(mask, spacing, 2.9)[11, 9, 4]
+    assert not within_mm(np.zeros_like(mask), spacing, 5.0).any()
 
 
 def test_intensity_mask_pools_supports_and_keeps_the_largest_component():
