@@ -287,7 +287,7 @@ def format_fewshot_markdown(payload: dict[str, Any]) -> str:
     lines.append(
         "| " + " | ".join(f"{payload['seconds_per_query'].get(x, 0):.2f}" for x in methods) + " |"
     )
-    for method in ("head", "head_random", "prototype"):
+    for method in ("head", "head_random", "prototype", "head_atlas"):
         if method in methods:
             lines += [
                 "",
