@@ -17,6 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omnienc.encoders import build_encoder
@@ -26,7 +27,12 @@ from omnienc.optim import adamw_warmup_cosine, decay_groups
 from omnienc.pretext.augment import PARAM_KEYS
 from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
 from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
-from omnienc.pretext.monai_ssl import InpaintingObjective, MonaiSSLConfig, MonaiSSLObjective
+from omnienc.pretext.monai_ssl import (
+    InpaintingObjective,
+    MonaiSSLConfig,
+    MonaiSSLObjective,
+    turn_axial,
+)
 
 RECIPES = ("mass", "monai_ssl")
 
@@ -52,6 +58,12 @@ class ModelConfig:
             reference crops, :class:`~omnienc.pretext.monai_ssl.InpaintingObjective`, with the
             corruptions of ``monai_ssl``) added to the ``mass`` recipe; 0 (default) leaves it
             out. It costs one more encoder pass over the reference crops.
+        rotation_weight: Weight of rotation prediction (the MONAI/Swin UNETR pretext) added to
+            the ``mass`` recipe: each pair (both crops and their task masks) is turned by a
+            random multiple of 90 degrees in the axial plane, and a linear head on the pooled
+            deepest features of both crops predicts the turn (cross-entropy). Turning the pair
+            together leaves the in-context task unchanged in kind; it costs no encoder pass.
+            Needs crops with equal x and y sizes; 0 (default) leaves it out.
         monai_ssl: Losses and corruptions of the ``monai_ssl`` recipe.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -69,6 +81,7 @@ class ModelConfig:
     incontext_weight: float = 1.0
     contrastive_weight: float = 1.0
     inpaint_weight: float = 0.0
+    rotation_weight: float = 0.0
     monai_ssl: MonaiSSLConfig = field(default_factory=MonaiSSLConfig)
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -79,7 +92,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        weights = (self.incontext_weight, self.contrastive_weight, self.inpaint_weight)
+        weights = (
+            self.incontext_weight,
+            self.contrastive_weight,
+            self.inpaint_weight,
+            self.rotation_weight,
+        )
         if min(weights) < 0:
             raise ValueError("loss weights must be >= 0")
         if max(weights) == 0:
@@ -103,6 +121,8 @@ class ModelConfig:
             parts.append(self.contrastive.kind)
         if self.inpaint_weight > 0:
             parts.append("inpaint")
+        if self.rotation_weight > 0:
+            parts.append("rotation")
         return "+".join(parts)
 
 
@@ -142,6 +162,14 @@ class PretrainModule(pl.LightningModule):
             if mass and config.inpaint_weight > 0
             else None
         )
+        self.rotation_head = (
+            nn.Linear(self.encoder.embed_dim, 4) if mass and config.rotation_weight > 0 else None
+        )
+        if self.rotation_head is not None and self.crop_size[0] != self.crop_size[1]:
+            raise ValueError(
+                "model.rotation_weight turns the crops in the (x, y) plane; crop_size must have "
+                f"equal x and y, got {self.crop_size}"
+            )
         self.schedule_steps: int | None = config.schedule_steps
 
     def forward_pair(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,26 +181,37 @@ class PretrainModule(pl.LightningModule):
 
         Returns:
             ``loss`` (weighted sum) and its parts ``incontext``, ``dice``, ``contrastive``,
-            ``inpaint``.
+            ``inpaint``, ``rotation``.
         """
         ref, query = batch["ref_image"], batch["query_image"]
         seed = (self.seed * 1_000_003 + int(self.global_step)) * 1_009 + self.global_rank
         if self.monai_ssl is not None:
             return self.monai_ssl(self.encoder, ref, query, seed=seed)
         b = ref.shape[0]
+        ref_masks, query_masks = batch["ref_masks"], batch["query_masks"]
+        if self.rotation_head is not None:  # turn each pair, crops and masks alike
+            turns = torch.randint(0, 4, (b,), generator=torch.Generator().manual_seed(seed + 2))
+            ref, query = turn_axial(ref, turns), turn_axial(query, turns)
+            ref_masks, query_masks = turn_axial(ref_masks, turns), turn_axial(query_masks, turns)
         feats = self.encoder.forward_intermediates(torch.cat([ref, query]))
         ref_feats = [f[:b] for f in feats]
         query_feats = [f[b:] for f in feats]
+        pooled = feats[-1].mean(dim=(2, 3, 4))  # (2B, E): the encoder's own pooling
         out: dict[str, torch.Tensor] = {}
         loss = ref.new_zeros(())
         if self.head is not None:
-            logits = self.head(ref_feats, batch["ref_masks"], query_feats, tuple(query.shape[2:]))
-            ic = incontext_loss(logits, batch["query_masks"], batch["task_valid"])
+            logits = self.head(ref_feats, ref_masks, query_feats, tuple(query.shape[2:]))
+            ic = incontext_loss(logits, query_masks, batch["task_valid"])
             loss = loss + self.config.incontext_weight * ic["loss"]
             out["incontext"] = ic["loss"].detach()
             out["dice"] = ic["dice"]
+        if self.rotation_head is not None:
+            with torch.autocast(device_type=ref.device.type, enabled=False):
+                rot_logits = self.rotation_head(pooled.float())
+                rotation = F.cross_entropy(rot_logits, turns.to(ref.device).repeat(2))
+            loss = loss + self.config.rotation_weight * rotation
+            out["rotation"] = rotation.detach()
         if self.contrastive is not None:
-            pooled = feats[-1].mean(dim=(2, 3, 4))  # (2B, E): the encoder's own pooling
             c = self.contrastive(pooled[:b], pooled[b:])
             loss = loss + self.config.contrastive_weight * c
             out["contrastive"] = c.detach()

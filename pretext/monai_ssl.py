@@ -79,6 +79,19 @@ class MonaiSSLConfig(JsonConfig):
             raise ValueError(f"shuffle_prob must be in [0, 1], got {self.shuffle_prob}")
 
 
+def turn_axial(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Turn each item by its own multiple of 90 degrees in the axial ``(x, y)`` plane.
+
+    Args:
+        x: ``(N, C, S_x, S_y, S_z)`` with ``S_x == S_y``.
+        turns: ``(N,)`` ints; item ``i`` is turned ``turns[i]`` times (``torch.rot90``).
+
+    Returns:
+        ``(N, C, S_x, S_y, S_z)``, a new tensor.
+    """
+    return torch.stack([torch.rot90(v, int(k), dims=(1, 2)) for v, k in zip(x, turns, strict=True)])
+
+
 def _split_stride(stride: int) -> tuple[int, int]:
     """Split the deepest stride into two upsampling factors, as ``ViTAutoEnc`` does (16 -> 4, 4)."""
     first = 2 ** math.ceil(math.log2(stride) / 2) if stride > 1 else 1
@@ -224,9 +237,7 @@ class MonaiSSLObjective(InpaintingObjective):
         clean = torch.cat([ref, query])
         rng = torch.Generator().manual_seed(seed)
         turns = torch.randint(0, 4, (clean.shape[0],), generator=rng)
-        clean = torch.stack(
-            [torch.rot90(v, int(k), dims=(1, 2)) for v, k in zip(clean, turns, strict=True)]
-        )
+        clean = turn_axial(clean, turns)
         feats = encoder.forward_features(self.corrupt(clean, seed + 1))
         recon = self.reconstruct(feats, clean.shape[2:])
         pooled = feats.mean(dim=(2, 3, 4))
