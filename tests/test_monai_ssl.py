@@ -15,6 +15,7 @@ from omnienc.pretext.monai_ssl import (
     MonaiSSLConfig,
     MonaiSSLObjective,
     _split_stride,
+    turn_axial,
 )
 
 
@@ -142,3 +143,57 @@ def test_mass_recipe_with_inpainting_adds_the_loss_and_only_its_decoder():
         ModelConfig(incontext_weight=0, contrastive_weight=0)
     with pytest.raises(ValueError, match=">= 0"):
         ModelConfig(inpaint_weight=-1)
+
+
+def test_turn_axial_turns_each_item_in_the_xy_plane():
+    x = torch.arange(2 * 1 * 4 * 4 * 3, dtype=torch.float32).reshape(2, 1, 4, 4, 3)
+    turns = torch.tensor([1, 3])
+    out = turn_axial(x, turns)
+    for i in range(2):
+        assert torch.equal(out[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
+    assert torch.equal(turn_axial(out, 4 - turns), x)  # a full turn is the identity
+    assert torch.equal(
+        out[:, :, :, :, 1],
+        torch.stack(
+            [torch.rot90(x[0, :, :, :, 1], 1, (1, 2)), torch.rot90(x[1, :, :, :, 1], 3, (1, 2))]
+        ),
+    )
+
+
+def _pair_batch(b: int = 2, t: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(b, t, 32, 32, 32, generator=g) > 0.7).float()
+    return {
+        "ref_image": torch.rand(b, 1, 32, 32, 32, generator=g),
+        "query_image": torch.rand(b, 1, 32, 32, 32, generator=g),
+        "ref_masks": masks,
+        "query_masks": masks.flip(2),
+        "task_valid": torch.ones(b, t, dtype=torch.bool),
+    }
+
+
+def test_mass_recipe_with_rotation_turns_each_pair_with_its_masks():
+    config = ModelConfig(encoder="resconv_tiny", rotation_weight=0.5)
+    assert config.method == "incontext+ntxent+rotation"
+    module = PretrainModule(config, (32, 32, 32), seed=3)
+    assert module.rotation_head is not None
+    batch = _pair_batch()
+    before = {k: v.clone() for k, v in batch.items()}
+    out = module.forward_pair(batch)
+    assert all(torch.equal(batch[k], before[k]) for k in batch)  # the batch is not changed
+    parts = out["incontext"] + out["contrastive"] + 0.5 * out["rotation"]
+    assert torch.isclose(out["loss"].detach(), parts, rtol=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in module.rotation_head.parameters())
+    # The in-context part equals the unrotated module's on the same pairs turned by hand.
+    turns = torch.randint(
+        0, 4, (2,), generator=torch.Generator().manual_seed(3 * 1_000_003 * 1_009 + 2)
+    )
+    plain = PretrainModule(ModelConfig(encoder="resconv_tiny"), (32, 32, 32), seed=3)
+    plain.load_state_dict(module.state_dict(), strict=False)
+    turned = {k: turn_axial(v, turns) if v.ndim == 5 else v for k, v in before.items()}
+    with torch.no_grad():
+        ref = plain.forward_pair(turned)
+    assert torch.isclose(out["incontext"], ref["incontext"], rtol=1e-5)
+    with pytest.raises(ValueError, match="equal x and y"):
+        PretrainModule(config, (32, 48, 32))
