@@ -1,0 +1,30 @@
+"""Pretraining recipes in configs/: each parses; the inpainting one is the shipped one + a loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from omnienc.pretext.train import parse_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRETRAIN = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "align")
+
+
+@pytest.mark.parametrize("path", PRETRAIN, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_pretraining_recipe_parses(path: Path) -> None:
+    config, _, _ = parse_config(["--config", str(path)])
+    assert config.model.method  # a valid objective set
+
+
+def test_inpaint_recipe_is_the_shipped_recipe_plus_the_inpainting_loss() -> None:
+    shipped, _, _ = parse_config(["--config", str(CONFIGS / "cpu-30min.yaml")])
+    inpaint, _, _ = parse_config(["--config", str(CONFIGS / "cpu-30min-inpaint.yaml")])
+    assert inpaint.model.inpaint_weight == 1.0 and shipped.model.inpaint_weight == 0.0
+    assert inpaint.model.method == "incontext+ntxent+inpaint"
+    same_model = dataclasses.replace(inpaint.model, inpaint_weight=0.0)
+    assert same_model == shipped.model
+    assert inpaint.data == shipped.data and inpaint.trainer == shipped.trainer
+    assert inpaint.seed == shipped.seed and inpaint.run_dir != shipped.run_dir
