@@ -227,7 +227,7 @@ class FewshotRun:
                 with self._clock(proto):
                     thr = float(np.mean([r.threshold for r in refs[role]]))
                     pred = self._to_native(sims[role], target.view, thr)
-                    if proto in self.methods and proto not in ATLAS_OF:
+                    if proto not in ATLAS_OF:
                         self._score(target, proto, pred)
                     if role == "pretrained":
                         masks["prototype"] = pred

@@ -31,6 +31,7 @@ from omnienc.pretext.monai_ssl import (
     InpaintingObjective,
     MonaiSSLConfig,
     MonaiSSLObjective,
+    require_square_axial,
     turn_axial,
 )
 
@@ -165,11 +166,8 @@ class PretrainModule(pl.LightningModule):
         self.rotation_head = (
             nn.Linear(self.encoder.embed_dim, 4) if mass and config.rotation_weight > 0 else None
         )
-        if self.rotation_head is not None and self.crop_size[0] != self.crop_size[1]:
-            raise ValueError(
-                "model.rotation_weight turns the crops in the (x, y) plane; crop_size must have "
-                f"equal x and y, got {self.crop_size}"
-            )
+        if self.rotation_head is not None:
+            require_square_axial(self.crop_size, "model.rotation_weight")
         self.schedule_steps: int | None = config.schedule_steps
 
     def forward_pair(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -92,6 +92,19 @@ def turn_axial(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.rot90(v, int(k), dims=(1, 2)) for v, k in zip(x, turns, strict=True)])
 
 
+def require_square_axial(crop_size: Sequence[int], what: str) -> None:
+    """Refuse crops whose axial ``(x, y)`` plane is not square: ``what`` turns that plane.
+
+    Raises:
+        ValueError: ``crop_size[0] != crop_size[1]``, naming ``what`` and the crop size.
+    """
+    size = tuple(int(s) for s in crop_size)
+    if size[0] != size[1]:
+        raise ValueError(
+            f"{what} turns the (x, y) plane; crop_size must have equal x and y, got {size}"
+        )
+
+
 def _split_stride(stride: int) -> tuple[int, int]:
     """Split the deepest stride into two upsampling factors, as ``ViTAutoEnc`` does (16 -> 4, 4)."""
     first = 2 ** math.ceil(math.log2(stride) / 2) if stride > 1 else 1
@@ -206,11 +219,7 @@ class MonaiSSLObjective(InpaintingObjective):
     def __init__(
         self, encoder: Encoder, crop_size: tuple[int, int, int], config: MonaiSSLConfig
     ) -> None:
-        if int(crop_size[0]) != int(crop_size[1]):
-            raise ValueError(
-                f"the rotation of the MONAI recipe turns the (x, y) plane; crop_size must have "
-                f"equal x and y, got {tuple(int(s) for s in crop_size)}"
-            )
+        require_square_axial(crop_size, "the rotation of the MONAI recipe")
         super().__init__(encoder, crop_size, config)
         dim = encoder.embed_dim
         self.rotation_head = nn.Linear(dim, 4)
