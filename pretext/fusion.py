@@ -7,7 +7,9 @@ https://arxiv.org/abs/2304.02643). Its parts live here:
 * :func:`sinusoidal_position_encoding_3d`: fixed 3D sine/cosine encodings of a feature grid;
 * :class:`Attention`, :class:`TwoWayBlock`: multi-head attention and the two-way block;
 * :func:`mlp` and :func:`upsample_stride`: the small MLP and the stride-aware upsampling the
-  head uses for its logits.
+  head uses for its logits;
+* :class:`TaskConvDecoder`: a small per-task convolutional refinement of the logits (the
+  head's ``decoder: conv``).
 """
 
 from __future__ import annotations
@@ -136,6 +138,56 @@ class TwoWayBlock(nn.Module):
         tokens = self.norm3(tokens + self.mlp(tokens))
         image = self.norm4(image + self.image_to_token(keys, tokens, tokens))
         return tokens, image
+
+
+class TaskConvDecoder(nn.Module):
+    """A per-task convolutional refinement of the head's dot-product logits.
+
+    The dot product of a task vector with a shared per-voxel map is linear in the voxel's
+    features: every voxel with a large projection on the task direction fires, whether or not it
+    resembles the structure. MASS instead decodes every task with its own convolutional decoder.
+    This is a light version at the head's output stride: the elementwise product of the
+    per-voxel map and the task vector (whose channel sum is the dot product) goes through a
+    linear layer (a 1x1 convolution), a depthwise 3x3x3 convolution with group norm and a 1x1
+    convolution to one channel, added to the dot-product logits. The last convolution starts
+    at zero, so a new head starts as the plain dot product.
+
+    Args:
+        dim: Channels of the per-voxel map and the task vector.
+        hidden: Channels inside the decoder.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(dim, hidden)
+        out = nn.Conv3d(hidden, 1, 1)
+        for p in out.parameters():  # weight and bias
+            nn.init.zeros_(p)
+        self.net = nn.Sequential(
+            nn.GELU(),
+            nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden),
+            nn.GroupNorm(1, hidden),
+            nn.GELU(),
+            out,
+        )
+
+    def forward(self, pixel: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Refinement logits of every task.
+
+        Args:
+            pixel: ``(B, dim, d, h, w)`` per-voxel map.
+            task: ``(B, T, dim)`` task vectors.
+
+        Returns:
+            ``(B, T, d, h, w)`` logits to add to the dot product's.
+        """
+        b, t, dim = task.shape
+        # inner(pixel * task) without the (B, T, dim, d, h, w) product: fold the task vector
+        # into the weights, (W * task) @ pixel.
+        weight = self.inner.weight * task[:, :, None, :] / math.sqrt(dim)  # (B, T, hidden, dim)
+        x = torch.einsum("bthc,bcxyz->bthxyz", weight, pixel)
+        x = x + self.inner.bias[:, None, None, None]
+        return self.net(x.flatten(0, 1)).view(b, t, *pixel.shape[2:])
 
 
 def upsample_stride(x: torch.Tensor, ratio: int, size: Sequence[int]) -> torch.Tensor:

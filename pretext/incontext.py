@@ -33,6 +33,7 @@ from torch import nn
 from omnienc.config import JsonConfig
 from omnienc.pretext.fusion import (
     Attention,
+    TaskConvDecoder,
     TwoWayBlock,
     mlp,
     sinusoidal_position_encoding_3d,
@@ -42,6 +43,9 @@ from omnienc.pretext.fusion import (
 # --------------------------------------------------------------------------------------------
 # Head: task tokens, two-way fusion, per-task logits
 # --------------------------------------------------------------------------------------------
+
+
+DECODERS = ("dot", "conv")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,15 @@ class HeadConfig(JsonConfig):
             token per scale and task).
         fuse_scales: How many of the deepest query scales are attention keys.
         mlp_ratio: Hidden width of the MLPs as a multiple of ``dim``.
+        output_stride: Finest stride of the per-voxel map: the FPN runs down to the finest
+            encoder scale whose stride is at least this (4: stride 4 on ``resconv``, whose
+            scales are 2, 4, 8, 16; 2 adds the stride-2 scale; the ViT has only 16). A mask of
+            a few hundred voxels is a handful of stride-4 cells, so the logits cannot follow
+            it (benchmarks/results/pretrain.md, "The head's fit").
+        decoder: How the logits come from the task vector and the per-voxel map: ``"dot"``
+            (SAM's dot product) or ``"conv"`` (the dot product plus a small per-task
+            convolutional refinement, :class:`~omnienc.pretext.fusion.TaskConvDecoder`, as
+            MASS decodes each task with its own decoder).
     """
 
     dim: int = 64
@@ -67,6 +80,8 @@ class HeadConfig(JsonConfig):
     token_scales: int = 2
     fuse_scales: int = 2
     mlp_ratio: float = 2.0
+    output_stride: int = 4
+    decoder: str = "dot"
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.num_heads < 1 or self.dim % self.num_heads:
@@ -75,9 +90,11 @@ class HeadConfig(JsonConfig):
             )
         if self.num_learned_tokens < 0:
             raise ValueError(f"num_learned_tokens must be >= 0, got {self.num_learned_tokens}")
-        for name in ("depth", "token_scales", "fuse_scales"):
+        for name in ("depth", "token_scales", "fuse_scales", "output_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
@@ -99,10 +116,11 @@ class InContextHead(nn.Module):
        task at inference behaves as in training.
     3. **Logits** (SAM's hypernetwork dot product): an MLP of the mean fused task token is
        dot-multiplied with a per-voxel map: a light top-down FPN of the query features at
-       stride 4 (or the finest stride >= 4; stride 16 for the ViT) plus the task's fused deep
-       query tokens, upsampled. The logit map is divided by ``sqrt(dim)``, offset by a learned
-       bias (initialised at -2, a foreground prior of about 12%), and upsampled trilinearly to
-       the output size.
+       stride ``output_stride`` (or the finest stride >= it; stride 16 for the ViT) plus the
+       task's fused deep query tokens, upsampled. The logit map is divided by ``sqrt(dim)``,
+       offset by a learned bias (initialised at -2, a foreground prior of about 12%), and
+       upsampled trilinearly to the output size. With ``decoder: conv`` a small per-task
+       convolutional refinement is added before the bias (MASS decodes each task on its own).
 
     Args:
         feature_info: The encoder's ``feature_info``: dicts with ``num_chs`` and ``reduction``,
@@ -127,7 +145,9 @@ class InContextHead(nn.Module):
         dim = config.dim
         self.token_levels = list(range(n - config.token_scales, n))
         self.fuse_levels = list(range(n - config.fuse_scales, n))
-        self.fpn_stride = min((r for r in self.strides if r >= 4), default=max(self.strides))
+        self.fpn_stride = min(
+            (r for r in self.strides if r >= config.output_stride), default=max(self.strides)
+        )
         self.fpn_levels = [i for i in range(n) if self.strides[i] >= self.fpn_stride]
 
         self.token_proj = nn.ModuleList(nn.Conv3d(chans[i], dim, 1) for i in self.token_levels)
@@ -152,6 +172,9 @@ class InContextHead(nn.Module):
         )
         self.fused_proj = nn.Linear(dim, dim)
         self.task_mlp = mlp(dim, max(1, round(dim * config.mlp_ratio)), dim)
+        self.task_decoder = (
+            TaskConvDecoder(dim, max(1, dim // 2)) if config.decoder == "conv" else None
+        )
         self.logit_bias = nn.Parameter(torch.tensor(-2.0))
         for p in (self.token_level_embed, self.learned_tokens, self.key_level_embed):
             nn.init.trunc_normal_(p, std=0.02)
@@ -234,6 +257,8 @@ class InContextHead(nn.Module):
         pixel = self.smooth(x)  # (B, dim, g)
         grid = pixel.shape[2:]
         logits = torch.einsum("btc,bcxyz->btxyz", task.view(b, t, dim), pixel)
+        if self.task_decoder is not None:
+            logits = logits + self.task_decoder(pixel, task.view(b, t, dim)) * math.sqrt(dim)
 
         # Each task's fused deep query tokens, dotted at their own scale, then upsampled (both
         # are linear, so this equals upsampling the tokens first, at a fraction of the cost).

@@ -65,7 +65,13 @@ class ModelConfig:
             deepest features of both crops predicts the turn (cross-entropy). Turning the pair
             together leaves the in-context task unchanged in kind; it costs no encoder pass.
             Needs crops with equal x and y sizes; 0 (default) leaves it out.
-        monai_ssl: Losses and corruptions of the ``monai_ssl`` recipe.
+        monai_ssl_weight: Weight of the whole MONAI SSL objective (``monai_ssl``: inpainting +
+            rotation + contrastive, each view turned and corrupted on its own, with its own
+            weights) added to the ``mass`` recipe on the same pair. It costs one more encoder
+            pass over both crops; it includes the inpainting loss, so it excludes
+            ``inpaint_weight``. 0 (default) leaves it out.
+        monai_ssl: Losses and corruptions of the ``monai_ssl`` recipe (and of
+            ``inpaint_weight`` and ``monai_ssl_weight`` in the ``mass`` recipe).
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the cosine decay.
@@ -83,6 +89,7 @@ class ModelConfig:
     contrastive_weight: float = 1.0
     inpaint_weight: float = 0.0
     rotation_weight: float = 0.0
+    monai_ssl_weight: float = 0.0
     monai_ssl: MonaiSSLConfig = field(default_factory=MonaiSSLConfig)
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -98,23 +105,30 @@ class ModelConfig:
             self.contrastive_weight,
             self.inpaint_weight,
             self.rotation_weight,
+            self.monai_ssl_weight,
         )
         if min(weights) < 0:
             raise ValueError("loss weights must be >= 0")
         if max(weights) == 0:
             raise ValueError("every objective is switched off; set a weight > 0")
+        if self.inpaint_weight > 0 and self.monai_ssl_weight > 0:
+            raise ValueError(
+                "model.monai_ssl_weight already includes the inpainting loss: set "
+                "model.inpaint_weight to 0, or weigh inpainting by model.monai_ssl.inpaint_weight"
+            )
 
     @property
     def method(self) -> str:
         """A short name of the objectives in use, recorded in the exported checkpoint."""
+        ssl = self.monai_ssl
+        ssl_weights = {
+            "inpaint": ssl.inpaint_weight,
+            "rotation": ssl.rotation_weight,
+            "contrastive": ssl.contrastive_weight,
+        }
+        peer = "monai_ssl(" + "+".join(k for k, w in ssl_weights.items() if w > 0) + ")"
         if self.recipe == "monai_ssl":
-            ssl = self.monai_ssl
-            weights = {
-                "inpaint": ssl.inpaint_weight,
-                "rotation": ssl.rotation_weight,
-                "contrastive": ssl.contrastive_weight,
-            }
-            return "monai_ssl(" + "+".join(k for k, w in weights.items() if w > 0) + ")"
+            return peer
         parts = []
         if self.incontext_weight > 0:
             parts.append("incontext")
@@ -124,6 +138,8 @@ class ModelConfig:
             parts.append("inpaint")
         if self.rotation_weight > 0:
             parts.append("rotation")
+        if self.monai_ssl_weight > 0:
+            parts.append(peer)
         return "+".join(parts)
 
 
@@ -156,7 +172,9 @@ class PretrainModule(pl.LightningModule):
             else None
         )
         self.monai_ssl = (
-            None if mass else MonaiSSLObjective(self.encoder, self.crop_size, config.monai_ssl)
+            MonaiSSLObjective(self.encoder, self.crop_size, config.monai_ssl)
+            if not mass or config.monai_ssl_weight > 0
+            else None
         )
         self.inpainting = (
             InpaintingObjective(self.encoder, self.crop_size, config.monai_ssl)
@@ -183,7 +201,8 @@ class PretrainModule(pl.LightningModule):
         """
         ref, query = batch["ref_image"], batch["query_image"]
         seed = (self.seed * 1_000_003 + int(self.global_step)) * 1_009 + self.global_rank
-        if self.monai_ssl is not None:
+        if self.config.recipe == "monai_ssl":
+            assert self.monai_ssl is not None
             return self.monai_ssl(self.encoder, ref, query, seed=seed)
         b = ref.shape[0]
         ref_masks, query_masks = batch["ref_masks"], batch["query_masks"]
@@ -217,6 +236,10 @@ class PretrainModule(pl.LightningModule):
             l1 = self.inpainting.inpainting_loss(self.encoder, ref, seed=seed)
             loss = loss + self.config.inpaint_weight * l1
             out["inpaint"] = l1.detach()
+        if self.monai_ssl is not None:  # the peer's objective on the untouched pair
+            ssl = self.monai_ssl(self.encoder, batch["ref_image"], batch["query_image"], seed=seed)
+            loss = loss + self.config.monai_ssl_weight * ssl["loss"]
+            out.update({f"monai_ssl_{k}": v.detach() for k, v in ssl.items()})
         out["loss"] = loss
         return out
 

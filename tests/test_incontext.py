@@ -86,7 +86,14 @@ def test_pair_config_rejects(kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"dim": 10, "num_heads": 4}, {"depth": 0}, {"token_scales": 0}, {"num_learned_tokens": -1}],
+    [
+        {"dim": 10, "num_heads": 4},
+        {"depth": 0},
+        {"token_scales": 0},
+        {"num_learned_tokens": -1},
+        {"output_stride": 0},
+        {"decoder": "unet"},
+    ],
 )
 def test_head_config_rejects(kwargs):
     with pytest.raises(ValueError):
@@ -356,6 +363,52 @@ def test_head_strides(encoder: Encoder):
         == head.fuse_levels
         == [len(encoder.feature_info) - 2, len(encoder.feature_info) - 1]
     )
+
+
+def test_conv_decoder_starts_as_the_dot_product_and_learns(encoder: Encoder):
+    """The per-task refinement starts at zero (a new head is the plain dot product) and trains."""
+    torch.manual_seed(0)
+    dot = InContextHead(encoder.feature_info, TINY_HEAD)
+    conv = InContextHead(
+        encoder.feature_info, HeadConfig(**{**TINY_HEAD.to_dict(), "decoder": "conv"})
+    )
+    missing, unexpected = conv.load_state_dict(dot.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("task_decoder.") for k in missing)
+    size = (32, 32, 32)
+    ref, query, masks, target = _batch(2, 3, size)
+    ref_feats = encoder.forward_intermediates(ref)
+    query_feats = encoder.forward_intermediates(query)
+    with torch.no_grad():
+        assert torch.allclose(
+            conv(ref_feats, masks, query_feats, size), dot(ref_feats, masks, query_feats, size)
+        )
+    logits = conv([f.detach() for f in ref_feats], masks, [f.detach() for f in query_feats], size)
+    incontext_loss(logits, target, torch.ones(2, 3, dtype=torch.bool))["loss"].backward()
+    assert conv.task_decoder is not None
+    last = conv.task_decoder.net[-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    # Tasks stay independent: a task's logits do not depend on the other tasks in the batch.
+    with torch.no_grad():
+        one = conv(ref_feats, masks[:, :1], query_feats, size)
+        assert torch.allclose(one, conv(ref_feats, masks, query_feats, size)[:, :1], atol=1e-5)
+
+
+@pytest.mark.parametrize("output_stride", [1, 2, 3])
+def test_head_output_stride(encoder: Encoder, output_stride):
+    """A finer output stride takes the FPN down to the finest scale at or above it."""
+    config = HeadConfig(**{**TINY_HEAD.to_dict(), "output_stride": output_stride})
+    head = InContextHead(encoder.feature_info, config)
+    strides = [int(i["reduction"]) for i in encoder.feature_info]
+    assert head.fpn_stride == min((r for r in strides if r >= output_stride), default=max(strides))
+    if encoder.family == "resconv":
+        assert head.fpn_stride == (2 if output_stride <= 2 else 4)
+    size = (32, 32, 32)
+    ref, query, masks, _ = _batch(2, 2, size)
+    with torch.no_grad():
+        logits = head(
+            encoder.forward_intermediates(ref), masks, encoder.forward_intermediates(query), size
+        )
+    assert logits.shape == (2, 2, *size) and torch.isfinite(logits).all()
 
 
 def test_gradients_reach_head_and_encoder(encoder: Encoder):

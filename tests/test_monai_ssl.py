@@ -197,3 +197,30 @@ def test_mass_recipe_with_rotation_turns_each_pair_with_its_masks():
     assert torch.isclose(out["incontext"], ref["incontext"], rtol=1e-5)
     with pytest.raises(ValueError, match="equal x and y"):
         PretrainModule(config, (32, 48, 32))
+
+
+def test_mass_recipe_with_the_whole_peer_objective_adds_its_loss():
+    config = ModelConfig(encoder="resconv_tiny", monai_ssl_weight=0.5)
+    assert config.method == "incontext+ntxent+monai_ssl(inpaint+rotation+contrastive)"
+    module = PretrainModule(config, (32, 32, 32), seed=1)
+    assert isinstance(module.monai_ssl, MonaiSSLObjective) and module.head is not None
+    assert module.inpainting is None and module.rotation_head is None
+    batch = _pair_batch()
+    out = module.forward_pair(batch)
+    peer = out["monai_ssl_loss"]
+    parts = out["incontext"] + out["contrastive"] + 0.5 * peer
+    assert torch.isclose(out["loss"].detach(), parts, rtol=1e-5)
+    # The peer's part is the peer recipe's loss on the same pair, step and seed.
+    alone = PretrainModule(ModelConfig(encoder="resconv_tiny", recipe="monai_ssl"), (32, 32, 32), 1)
+    alone.load_state_dict(module.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.isclose(peer, alone.forward_pair(batch)["loss"], rtol=1e-5)
+    out["loss"].backward()
+    for part in (module.monai_ssl.rotation_head, module.monai_ssl.projection, module.head):
+        assert all(p.grad is not None for p in part.parameters())
+    export = module.export_meta()
+    assert export["model"]["monai_ssl_weight"] == 0.5 and export["incontext_head"] is not None
+    with pytest.raises(ValueError, match="already includes the inpainting"):
+        ModelConfig(inpaint_weight=1, monai_ssl_weight=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        ModelConfig(monai_ssl_weight=-1)
