@@ -191,19 +191,52 @@ def _f(x: float | None) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
+def _tasks(payload: dict[str, Any]) -> set[str]:
+    return {s.task for s in scores_of(payload) if s.normalised_gain is not None}
+
+
+def _summary_over(payload: dict[str, Any], tasks: set[str]) -> float:
+    return mean_normalised_gain([s for s in scores_of(payload) if s.task in tasks])
+
+
 def compare(payload: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One encoder's mean normalised gain against the mean of a recipe's seeds, with the rule.
 
+    Both sides are summarised over the tasks they share: an encoder without an in-context head
+    (the MONAI SSL peer) has no few-shot head tasks, and a mean over 9 tasks says nothing
+    against a mean over 11. When the task sets differ, the seeds' SD, the bar and the
+    difference are all recomputed over the shared tasks.
+
     Returns:
-        ``{"encoder", "difference", "callable", "verdict"}``: ``callable`` is
-        :func:`callable_difference` of the seeds' SD with 1 vs ``len(seeds)`` seeds; the verdict
-        is ``ahead``, ``behind`` or ``level within seed noise``.
+        ``{"encoder", "tasks" (the number of shared tasks), "left_out" (tasks of either side
+        not in the comparison), "value", "seeds_mean", "difference", "callable", "verdict"}``:
+        ``callable`` is :func:`callable_difference` of the seeds' SD with 1 vs ``len(seeds)``
+        seeds; the verdict is ``ahead``, ``behind`` or ``level within seed noise``.
+
+    Raises:
+        ValueError: The encoder shares no scored task with the seeds.
     """
-    agg = aggregate(seeds)
-    diff = float(payload["mean_normalised_gain"]) - agg["summary"]["mean"]
-    bar = callable_difference(agg["summary"]["sd"], 1, agg["n"])
+    mine = _tasks(payload)
+    theirs = set.intersection(*(_tasks(p) for p in seeds))
+    shared = mine & theirs
+    if not shared:
+        raise ValueError(f"{payload['encoder']} shares no scored task with the seeds")
+    values = [_summary_over(p, shared) for p in seeds]
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    value = _summary_over(payload, shared)
+    diff = value - float(np.mean(values))
+    bar = callable_difference(sd, 1, len(seeds))
     verdict = "level within seed noise" if abs(diff) <= bar else "ahead" if diff > 0 else "behind"
-    return {"encoder": payload["encoder"], "difference": diff, "callable": bar, "verdict": verdict}
+    return {
+        "encoder": payload["encoder"],
+        "tasks": len(shared),
+        "left_out": sorted((mine | theirs) - shared),
+        "value": value,
+        "seeds_mean": float(np.mean(values)),
+        "difference": diff,
+        "callable": bar,
+        "verdict": verdict,
+    }
 
 
 def format_summary_markdown(
@@ -261,15 +294,20 @@ def format_summary_markdown(
             lines += [
                 f"## Other encoders against the mean of these {agg['n']}",
                 "",
-                "| encoder | mean normalised gain | difference | callable (1 vs "
-                f"{agg['n']} seeds) | verdict |",
-                "|---|---:|---:|---:|---|",
+                "Each row is summarised over the tasks both sides have (the seeds' mean, SD "
+                "and bar recomputed over them when a task is left out).",
+                "",
+                "| encoder | tasks | mean normalised gain | seeds' mean | difference | "
+                f"callable (1 vs {agg['n']} seeds) | verdict | left out |",
+                "|---|---:|---:|---:|---:|---:|---|---|",
             ]
             for other in compared:
                 c = compare(other, payloads)
+                left = ", ".join(c["left_out"]) or "–"
                 lines.append(
-                    f"| `{c['encoder']}` | {other['mean_normalised_gain']:.3f} | "
-                    f"{c['difference']:+.3f} | {c['callable']:.3f} | {c['verdict']} |"
+                    f"| `{c['encoder']}` | {c['tasks']} | {c['value']:.3f} | "
+                    f"{c['seeds_mean']:.3f} | {c['difference']:+.3f} | {c['callable']:.3f} | "
+                    f"{c['verdict']} | {left} |"
                 )
             lines.append("")
     return "\n".join(lines)

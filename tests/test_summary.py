@@ -123,3 +123,34 @@ def test_compare_applies_the_noise_rule() -> None:
     assert compare(near, seeds)["callable"] == pytest.approx(bar)
     md = format_summary_markdown(seeds, "cmd", [far])
     assert "against the mean of these 3" in md and "| ahead |" in md
+
+
+def test_compare_uses_the_tasks_both_sides_have() -> None:
+    """An encoder without some task (a head-less peer) is compared over the shared tasks."""
+    from dataclasses import asdict
+
+    from omnienc.benchmarks.summary import compare
+
+    seeds = [_payload(f"s{i}", (0.7 + 0.01 * i, 0.9)) for i in range(3)]
+    peer = _payload("peer", (0.8, 0.0))
+    peer["scores"] = [asdict(SuiteScore("a", "task a", "AUC", 0.8, 0.5))]
+    peer["mean_normalised_gain"] = 0.6  # over its one task
+    c = compare(peer, seeds)
+    assert c["tasks"] == 1 and c["left_out"] == ["b"]
+    gains_a = [(0.7 + 0.01 * i - 0.5) / 0.5 for i in range(3)]
+    assert c["seeds_mean"] == pytest.approx(np.mean(gains_a))
+    assert c["difference"] == pytest.approx(0.6 - np.mean(gains_a))
+    assert c["callable"] == pytest.approx(callable_difference(np.std(gains_a, ddof=1), 1, 3))
+    assert c["verdict"] == "ahead"
+    # Over all tasks the seeds (task b at 0.9) would have been ahead of it instead.
+    assert seeds[0]["mean_normalised_gain"] > peer["mean_normalised_gain"]
+    md = format_summary_markdown(seeds, "cmd", [peer])
+    assert "| `peer` | 1 | 0.600 |" in md and "| b |" in md
+    # Same task sets: the plain summary.
+    same = compare(seeds[0], seeds)
+    assert same["tasks"] == 2 and same["left_out"] == []
+    assert same["value"] == pytest.approx(seeds[0]["mean_normalised_gain"])
+    none = _payload("none", (0.8, 0.1))
+    none["scores"] = [asdict(SuiteScore("z", "task z", "AUC", 0.8, 0.5))]
+    with pytest.raises(ValueError, match="shares no scored task"):
+        compare(none, seeds)
