@@ -8,12 +8,15 @@ is printed and written with the aggregate across encoders (pretraining seeds of 
 the SD of every metric and of the mean normalised gain, and the smallest callable difference);
 each ``--compare`` encoder (another recipe) is judged against the seeds' mean by that rule.
 ``--quick`` runs each task's quick mode: the recipe comparison, under 10 minutes per encoder on
-2 CPU cores; the full mode is what ``omnienc bench all`` reports.
+2 CPU cores; the full mode is what ``omnienc bench all`` reports. An ``--encoder`` or
+``--compare`` entry that is a ``.json`` file written by an earlier ``bench summary`` stands for
+the encoders scored in it, which are not run again (their mode must match ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -28,8 +31,10 @@ from omnienc.benchmarks.summary import (
     scores_from_classification,
     scores_from_pairs,
     scores_from_segmentation,
+    scores_of,
     write_summary,
 )
+from omnienc.errors import DataError
 
 DEFAULT_OUT = Path("benchmarks/results/bench/summary")
 
@@ -250,6 +255,34 @@ BRATS_LABELEFF_LABELS: dict[str, str] = {
 }
 
 
+def earlier_results(path: Path, quick: bool) -> list[dict[str, Any]]:
+    """The encoders' payloads of an earlier ``bench summary`` results file.
+
+    Args:
+        path: Its ``.json`` file.
+        quick: The mode this summary is in; every payload must have been run in it.
+
+    Raises:
+        DataError: The file is missing or is not a ``bench summary`` result, or a payload's mode
+            differs.
+    """
+    try:
+        body = json.loads(path.read_text())
+        encoders = list(body["encoders"])
+        modes = {bool(p["plan"]["quick"]) for p in encoders}
+        for p in encoders:
+            scores_of(p)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(path, f"not a readable `omnienc bench summary` result: {e}") from e
+    if not encoders:
+        raise DataError(path, "the results file scores no encoder")
+    if modes != {quick}:
+        have = " and ".join(sorted("quick" if m else "full" for m in modes))
+        want = "quick" if quick else "full"
+        raise DataError(path, f"its encoders were scored in {have} mode, this summary is {want}")
+    return encoders
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the suite on each encoder, write ``OUT.json`` / ``OUT.md``, print it."""
     parser = argparse.ArgumentParser(
@@ -282,17 +315,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     command = "omnienc bench summary " + " ".join(words)
     plan = SuitePlan.for_mode(args.quick)
-    payloads = [
-        run_suite(
-            spec,
-            args.data,
-            plan=plan,
-            cache_dir=args.cache_dir or default_cache_dir(),
-            progress=not args.quiet,
-        )
-        for spec in [*args.encoder, *args.compare]
-    ]
-    n = len(args.encoder)
+
+    def payloads_of(spec: str) -> list[dict[str, Any]]:
+        if spec.endswith(".json"):
+            return earlier_results(Path(spec), quick=args.quick)
+        return [
+            run_suite(
+                spec,
+                args.data,
+                plan=plan,
+                cache_dir=args.cache_dir or default_cache_dir(),
+                progress=not args.quiet,
+            )
+        ]
+
+    try:
+        seeds = [p for spec in args.encoder for p in payloads_of(spec)]
+        others = [p for spec in args.compare for p in payloads_of(spec)]
+    except DataError as e:
+        parser.exit(2, f"omnienc bench summary: error: {e}\n")
+    payloads, n = [*seeds, *others], len(seeds)
     json_path, md_path = write_summary(payloads[:n], args.out, command, payloads[n:])
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")

@@ -154,3 +154,28 @@ def test_compare_uses_the_tasks_both_sides_have() -> None:
     none["scores"] = [asdict(SuiteScore("z", "task z", "AUC", 0.8, 0.5))]
     with pytest.raises(ValueError, match="shares no scored task"):
         compare(none, seeds)
+
+
+def test_summary_cli_reuses_earlier_results_files(tmp_path, capsys) -> None:
+    """`bench summary` entries ending in .json are earlier results: nothing is run again."""
+    from omnienc.benchmarks.suite import main
+
+    seeds = [_payload(f"s{i}", (0.7 + 0.01 * i, 0.2)) for i in range(3)]
+    write_summary(seeds, tmp_path / "seeds", "cmd")
+    write_summary([_payload("other", (0.9, 0.5))], tmp_path / "other", "cmd")
+    out = tmp_path / "joined"
+    argv = ["--encoder", str(tmp_path / "seeds.json"), "--compare", str(tmp_path / "other.json")]
+    assert main([*argv, "--quick", "--out", str(out)]) == 0
+    body = json.loads(out.with_suffix(".json").read_text())
+    assert [p["encoder"] for p in body["encoders"]] == ["s0", "s1", "s2"]
+    assert body["compared"][0]["encoder"] == "other" and body["compared"][0]["verdict"] == "ahead"
+    assert "seeds.json" in body["command"] and "| `other` | 2 |" in capsys.readouterr().out
+    # A full-mode summary cannot take quick-mode results, nor a file that is not one.
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(out)])
+    assert e.value.code == 2
+    assert "scored in quick mode, this summary is full" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["--encoder", str(tmp_path / "bad.json"), "--quick", "--out", str(out)])
+    assert "bad.json" in capsys.readouterr().err
