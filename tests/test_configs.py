@@ -28,3 +28,17 @@ def test_inpaint_recipe_is_the_shipped_recipe_plus_the_inpainting_loss() -> None
     assert same_model == shipped.model
     assert inpaint.data == shipped.data and inpaint.trainer == shipped.trainer
     assert inpaint.seed == shipped.seed and inpaint.run_dir != shipped.run_dir
+
+
+def test_mp_recipe_is_the_shipped_recipe_plus_the_peer_objective() -> None:
+    shipped, _, _ = parse_config(["--config", str(CONFIGS / "cpu-30min.yaml")])
+    mp, _, _ = parse_config(["--config", str(CONFIGS / "cpu-30min-mp.yaml")])
+    assert mp.model.monai_ssl_weight == 1.0 and shipped.model.monai_ssl_weight == 0.0
+    assert mp.model.method == "incontext+ntxent+monai_ssl(inpaint+rotation+contrastive)"
+    # Only the added objective and the schedule (each step costs more) differ.
+    assert mp.model.schedule_steps is not None and shipped.model.schedule_steps is not None
+    assert mp.model.schedule_steps < shipped.model.schedule_steps
+    same = dataclasses.replace(mp.model, monai_ssl_weight=0.0, schedule_steps=5500)
+    assert same == shipped.model
+    assert mp.data == shipped.data and mp.trainer == shipped.trainer
+    assert mp.run_dir != shipped.run_dir
