@@ -65,8 +65,9 @@ class HeadConfig(JsonConfig):
         output_stride: Finest stride of the per-voxel map: the FPN runs down to the finest
             encoder scale whose stride is at least this (4: stride 4 on ``resconv``, whose
             scales are 2, 4, 8, 16; 2 adds the stride-2 scale; the ViT has only 16). A mask of
-            a few hundred voxels is a handful of stride-4 cells, so the logits cannot follow
-            it (benchmarks/results/pretrain.md, "The head's fit").
+            a few hundred voxels is a handful of stride-4 cells; at 1,500 steps a stride-2 map
+            raised that ceiling without raising the head's fit (benchmarks/results/pretrain.md,
+            "third session").
         decoder: How the logits come from the task vector and the per-voxel map: ``"dot"``
             (SAM's dot product) or ``"conv"`` (the dot product plus a small per-task
             convolutional refinement, :class:`~omnienc.pretext.fusion.TaskConvDecoder`, as
