@@ -33,6 +33,7 @@ from torch.utils.data import default_collate
 from omnienc.benchmarks.report import machine_facts, write_report
 from omnienc.checkpoint import load_encoder
 from omnienc.encoders.base import Encoder
+from omnienc.errors import OmniencError
 from omnienc.pretext.data import PretrainDataModule
 from omnienc.pretext.incontext import InContextHead
 from omnienc.pretext.segment import load_incontext_head
@@ -188,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.batches < 1:
         parser.error("--batches must be >= 1")
+    try:
+        encoder = load_encoder(args.encoder)[0].eval()
+        head, _ = load_incontext_head(args.encoder, encoder)
+    except OmniencError as e:
+        parser.exit(2, f"head_fit: error: {e}\n")
     torch.manual_seed(args.seed)
     config, _, _ = parse_config(["--config", args.config, "--seed", str(args.seed), *extra])
     module = PretrainDataModule(config.data, data_root=args.data, seed=args.seed)
@@ -196,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     assert module.dataset is not None
     module.dataset.augment = True  # the views, as pretraining on the CPU draws them
     size = config.data.batch_size
-    encoder = load_encoder(args.encoder)[0].eval()
-    head, _ = load_incontext_head(args.encoder, encoder)
     batches = (
         default_collate([module.dataset[i * size + j] for j in range(size)])
         for i in range(args.batches)

@@ -105,3 +105,14 @@ def test_cli_scores_a_checkpoint_on_pretraining_pairs(tmp_path: Path, data_root:
     assert all(0.0 <= g["dice"] <= 1.0 and 0.0 <= g["ceiling"] <= 1.0 for g in groups)
     assert payload["stride"] == 4 and "head_fit" in payload["command"]
     assert "| all |" in out.with_suffix(".md").read_text()
+
+
+def test_cli_names_a_checkpoint_without_a_head(tmp_path: Path, capsys):
+    ckpt = save_encoder(
+        build_encoder("resconv_tiny"), tmp_path / "plain", Preprocessing(spacing=(2.0, 2.0, 2.0))
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["--encoder", str(ckpt), "--config", "never-read.yaml"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "plain" in err and "no in-context head" in err
