@@ -334,8 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         others = [p for spec in args.compare for p in payloads_of(spec)]
     except DataError as e:
         parser.exit(2, f"omnienc bench summary: error: {e}\n")
-    payloads, n = [*seeds, *others], len(seeds)
-    json_path, md_path = write_summary(payloads[:n], args.out, command, payloads[n:])
+    json_path, md_path = write_summary(seeds, args.out, command, others)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

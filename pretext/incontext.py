@@ -121,7 +121,7 @@ class InContextHead(nn.Module):
        task's fused deep query tokens, upsampled. The logit map is divided by ``sqrt(dim)``,
        offset by a learned bias (initialised at -2, a foreground prior of about 12%), and
        upsampled trilinearly to the output size. With ``decoder: conv`` a small per-task
-       convolutional refinement is added before the bias (MASS decodes each task on its own).
+       convolutional refinement is added to the logits (MASS decodes each task on its own).
 
     Args:
         feature_info: The encoder's ``feature_info``: dicts with ``num_chs`` and ``reduction``,
@@ -258,8 +258,6 @@ class InContextHead(nn.Module):
         pixel = self.smooth(x)  # (B, dim, g)
         grid = pixel.shape[2:]
         logits = torch.einsum("btc,bcxyz->btxyz", task.view(b, t, dim), pixel)
-        if self.task_decoder is not None:
-            logits = logits + self.task_decoder(pixel, task.view(b, t, dim)) * math.sqrt(dim)
 
         # Each task's fused deep query tokens, dotted at their own scale, then upsampled (both
         # are linear, so this equals upsampling the tokens first, at a fraction of the cost).
@@ -273,6 +271,8 @@ class InContextHead(nn.Module):
             logits = logits + upsample_stride(dots, ratio, grid).reshape(b, t, *grid)
 
         logits = logits / math.sqrt(dim) + self.logit_bias
+        if self.task_decoder is not None:
+            logits = logits + self.task_decoder(pixel, task.view(b, t, dim))
         return upsample_stride(logits, self.fpn_stride, out_size)
 
 
