@@ -38,7 +38,9 @@ def test_mp_recipe_is_the_shipped_recipe_plus_the_peer_objective() -> None:
     # Only the added objective and the schedule (each step costs more) differ.
     assert mp.model.schedule_steps is not None and shipped.model.schedule_steps is not None
     assert mp.model.schedule_steps < shipped.model.schedule_steps
-    same = dataclasses.replace(mp.model, monai_ssl_weight=0.0, schedule_steps=5500)
+    same = dataclasses.replace(
+        mp.model, monai_ssl_weight=0.0, schedule_steps=shipped.model.schedule_steps
+    )
     assert same == shipped.model
     assert mp.data == shipped.data and mp.trainer == shipped.trainer
     assert mp.run_dir != shipped.run_dir

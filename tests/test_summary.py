@@ -175,6 +175,9 @@ def test_summary_cli_reuses_earlier_results_files(tmp_path, capsys) -> None:
         main([*argv, "--out", str(out)])
     assert e.value.code == 2
     assert "scored in quick mode, this summary is full" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--encoder", str(tmp_path / "missing.json"), "--quick", "--out", str(out)])
+    assert "missing.json" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit):
         main(["--encoder", str(tmp_path / "bad.json"), "--quick", "--out", str(out)])
