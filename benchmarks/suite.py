@@ -304,12 +304,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="CKPT",
         help="other encoders, each judged against the --encoder seeds by the noise rule",
     )
+    parser.add_argument(
+        "--seed-sd",
+        type=float,
+        metavar="SD",
+        help="SD of the mean normalised gain across pretraining seeds, measured elsewhere: "
+        "judges --compare against one --encoder run, or replaces the seeds' own SD",
+    )
     parser.add_argument("--quick", action="store_true", help="each task's quick mode")
     parser.add_argument("--data", type=Path, help="data root (default: $OMNIENC_DATA)")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/omnienc)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results path, no suffix")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.seed_sd is not None and not args.seed_sd > 0:
+        parser.error(f"--seed-sd must be positive, got {args.seed_sd}")
     from omnienc.data.folder import default_cache_dir
 
     words = list(sys.argv[1:] if argv is None else argv)
@@ -334,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         others = [p for spec in args.compare for p in payloads_of(spec)]
     except DataError as e:
         parser.exit(2, f"omnienc bench summary: error: {e}\n")
-    json_path, md_path = write_summary(seeds, args.out, command, others)
+    json_path, md_path = write_summary(seeds, args.out, command, others, args.seed_sd)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

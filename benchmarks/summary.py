@@ -199,13 +199,22 @@ def _summary_over(payload: dict[str, Any], tasks: set[str]) -> float:
     return mean_normalised_gain([s for s in scores_of(payload) if s.task in tasks])
 
 
-def compare(payload: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def compare(
+    payload: dict[str, Any], seeds: Sequence[dict[str, Any]], seed_sd: float | None = None
+) -> dict[str, Any]:
     """One encoder's mean normalised gain against the mean of a recipe's seeds, with the rule.
 
     Both sides are summarised over the tasks they share: an encoder without an in-context head
     (the MONAI SSL peer) has no few-shot head tasks, and a mean over 9 tasks says nothing
     against a mean over 11. When the task sets differ, the seeds' SD, the bar and the
     difference are all recomputed over the shared tasks.
+
+    Args:
+        payload: The other encoder's suite payload.
+        seeds: Suite payloads of one recipe's pretraining seeds (one is allowed with
+            ``seed_sd``).
+        seed_sd: An SD of the mean normalised gain across pretraining seeds measured elsewhere
+            (a single run has none of its own); used instead of the seeds' own SD.
 
     Returns:
         ``{"encoder", "tasks" (the number of shared tasks), "left_out" (tasks of either side
@@ -222,7 +231,12 @@ def compare(payload: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> dict[st
     if not shared:
         raise ValueError(f"{payload['encoder']} shares no scored task with the seeds")
     values = [_summary_over(p, shared) for p in seeds]
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    if seed_sd is not None:
+        sd = float(seed_sd)
+    elif len(values) > 1:
+        sd = float(np.std(values, ddof=1))
+    else:
+        raise ValueError("one seed has no SD of its own: give seed_sd, measured elsewhere")
     value = _summary_over(payload, shared)
     diff = value - float(np.mean(values))
     bar = callable_difference(sd, 1, len(seeds))
@@ -235,6 +249,7 @@ def compare(payload: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> dict[st
         "seeds_mean": float(np.mean(values)),
         "difference": diff,
         "callable": bar,
+        "seed_sd": sd,
         "verdict": verdict,
     }
 
@@ -243,9 +258,11 @@ def format_summary_markdown(
     payloads: Sequence[dict[str, Any]],
     command: str,
     compared: Sequence[dict[str, Any]] = (),
+    seed_sd: float | None = None,
 ) -> str:
     """One table per encoder, the spread across ``payloads`` (seeds of one recipe) and the noise
-    rule, then each of ``compared`` (other recipes) judged against them by that rule."""
+    rule, then each of ``compared`` (other recipes) judged against them by that rule (with
+    ``seed_sd`` in place of the seeds' own SD when given, see :func:`compare`)."""
     lines = ["# Evaluation suite summary", "", f"Command: `{command}`", ""]
     for payload in [*payloads, *compared]:
         minutes = payload["total_seconds"] / 60
@@ -290,26 +307,37 @@ def format_summary_markdown(
             "itself uncertain: treat these bars as a first estimate.",
             "",
         ]
-        if compared:
-            lines += [
-                f"## Other encoders against the mean of these {agg['n']}",
-                "",
-                "Each row is summarised over the tasks both sides have (the seeds' mean, SD "
-                "and bar recomputed over them when a task is left out).",
-                "",
-                "| encoder | tasks | mean normalised gain | seeds' mean | difference | "
-                f"callable (1 vs {agg['n']} seeds) | verdict | left out |",
-                "|---|---:|---:|---:|---:|---:|---|---|",
-            ]
-            for other in compared:
-                c = compare(other, payloads)
-                left = ", ".join(c["left_out"]) or "–"
-                lines.append(
-                    f"| `{c['encoder']}` | {c['tasks']} | {c['value']:.3f} | "
-                    f"{c['seeds_mean']:.3f} | {c['difference']:+.3f} | {c['callable']:.3f} | "
-                    f"{c['verdict']} | {left} |"
-                )
-            lines.append("")
+    if compared and len(payloads) == 1 and seed_sd is None:
+        lines += [
+            "No verdict on the other encoders: one `--encoder` run has no seed SD of its own "
+            "(give `--seed-sd`, measured elsewhere).",
+            "",
+        ]
+    elif compared:
+        n = len(payloads)
+        sd_from = (
+            f"seed SD {seed_sd:.3f}, given (`--seed-sd`)"
+            if seed_sd is not None
+            else "the seeds' SD recomputed over them when a task is left out"
+        )
+        lines += [
+            f"## Other encoders against the mean of these {n}",
+            "",
+            f"Each row is summarised over the tasks both sides have ({sd_from}).",
+            "",
+            "| encoder | tasks | mean normalised gain | seeds' mean | difference | "
+            f"callable (1 vs {n} seeds) | verdict | left out |",
+            "|---|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for other in compared:
+            c = compare(other, payloads, seed_sd)
+            left = ", ".join(c["left_out"]) or "–"
+            lines.append(
+                f"| `{c['encoder']}` | {c['tasks']} | {c['value']:.3f} | "
+                f"{c['seeds_mean']:.3f} | {c['difference']:+.3f} | {c['callable']:.3f} | "
+                f"{c['verdict']} | {left} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -318,10 +346,17 @@ def write_summary(
     out: Path,
     command: str,
     compared: Sequence[dict[str, Any]] = (),
+    seed_sd: float | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``out.json`` (payloads, aggregate, comparisons, command) and ``out.md``."""
+    """Write ``out.json`` (payloads, aggregate, comparisons, command) and ``out.md``.
+
+    ``compared`` are judged against ``payloads`` when there are several of them or ``seed_sd``
+    is given (see :func:`compare`).
+    """
     body: dict[str, Any] = {"command": command, "encoders": list(payloads)}
     if len(payloads) > 1:
         body["aggregate"] = aggregate(payloads)
-        body["compared"] = [{**c, **compare(c, payloads)} for c in compared]
-    return write_report(out, body, format_summary_markdown(payloads, command, compared))
+    if len(payloads) > 1 or seed_sd is not None:
+        body["compared"] = [{**c, **compare(c, payloads, seed_sd)} for c in compared]
+    text = format_summary_markdown(payloads, command, compared, seed_sd)
+    return write_report(out, body, text)

@@ -182,3 +182,37 @@ def test_summary_cli_reuses_earlier_results_files(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--encoder", str(tmp_path / "bad.json"), "--quick", "--out", str(out)])
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_one_run_is_judged_with_a_given_seed_sd(tmp_path, capsys) -> None:
+    """One --encoder run has no SD of its own: no verdict without --seed-sd, the rule with it."""
+    from omnienc.benchmarks.suite import main
+    from omnienc.benchmarks.summary import compare
+
+    mine, other = _payload("mine", (0.7, 0.2)), _payload("other", (0.9, 0.5))
+    with pytest.raises(ValueError, match="give seed_sd"):
+        compare(other, [mine])
+    c = compare(other, [mine], seed_sd=0.05)
+    diff = other["mean_normalised_gain"] - mine["mean_normalised_gain"]
+    assert c["difference"] == pytest.approx(diff) and c["seed_sd"] == 0.05
+    assert c["callable"] == pytest.approx(callable_difference(0.05, 1, 1))
+    assert c["verdict"] == ("ahead" if diff > c["callable"] else "level within seed noise")
+    assert compare(other, [mine], seed_sd=1.0)["verdict"] == "level within seed noise"
+    # The command line: earlier results of one run each.
+    write_summary([mine], tmp_path / "mine", "cmd")
+    write_summary([other], tmp_path / "other", "cmd")
+    argv = ["--encoder", str(tmp_path / "mine.json"), "--compare", str(tmp_path / "other.json")]
+    out = tmp_path / "joined"
+    assert main([*argv, "--quick", "--out", str(out)]) == 0
+    assert "No verdict" in capsys.readouterr().out
+    assert "compared" not in json.loads(out.with_suffix(".json").read_text())
+    assert main([*argv, "--quick", "--seed-sd", "0.05", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "seed SD 0.050, given" in text and f"| {c['verdict']} |" in text
+    body = json.loads(out.with_suffix(".json").read_text())
+    assert body["compared"][0]["callable"] == pytest.approx(c["callable"])
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--quick", "--seed-sd", bad, "--out", str(out)])
+        assert e.value.code == 2
+        assert "--seed-sd must be positive" in capsys.readouterr().err
