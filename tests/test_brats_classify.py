@@ -291,7 +291,8 @@ def test_end_to_end_payload(payload: dict[str, Any]) -> None:
     for r in payload["rows"]:
         assert 0 <= r["interval"][0] <= r["auc"] <= r["interval"][1] <= 1
         assert len(r["fold_aucs"]) == 2
-    assert payload["encoder"]["checkpoint"].startswith("sha256:710cafd0")
+    weights = load_checkpoint_config(SHIPPED)["weights"]["sha256"]
+    assert payload["encoder"]["checkpoint"] == f"sha256:{weights}"
     assert payload["floor"] == ["random:resconv_small:0"]
     assert len(payload["data_files"]) == 6  # FLAIR, labels and brain mask of two cases
     assert payload["pyradiomics"] == {
