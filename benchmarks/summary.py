@@ -218,9 +218,11 @@ def compare(
 
     Returns:
         ``{"encoder", "tasks" (the number of shared tasks), "left_out" (tasks of either side
-        not in the comparison), "value", "seeds_mean", "difference", "callable", "verdict"}``:
-        ``callable`` is :func:`callable_difference` of the seeds' SD with 1 vs ``len(seeds)``
-        seeds; the verdict is ``ahead``, ``behind`` or ``level within seed noise``.
+        not in the comparison), "value", "seeds_mean", "difference", "callable", "seed_sd",
+        "verdict"}``: ``seed_sd`` is the SD the bar used (``seed_sd`` when given, else the
+        seeds' own over the shared tasks), ``callable`` is :func:`callable_difference` of it
+        with 1 vs ``len(seeds)`` seeds; the verdict is ``ahead``, ``behind`` or ``level within
+        seed noise``.
 
     Raises:
         ValueError: The encoder shares no scored task with the seeds.
@@ -259,10 +261,14 @@ def format_summary_markdown(
     command: str,
     compared: Sequence[dict[str, Any]] = (),
     seed_sd: float | None = None,
+    comparisons: Sequence[dict[str, Any]] | None = None,
 ) -> str:
     """One table per encoder, the spread across ``payloads`` (seeds of one recipe) and the noise
     rule, then each of ``compared`` (other recipes) judged against them by that rule (with
-    ``seed_sd`` in place of the seeds' own SD when given, see :func:`compare`)."""
+    ``seed_sd`` in place of the seeds' own SD when given, see :func:`compare`).
+
+    ``comparisons`` are the :func:`compare` results of ``compared``, in order, when the caller
+    already has them (:func:`write_summary`); they are computed here otherwise."""
     lines = ["# Evaluation suite summary", "", f"Command: `{command}`", ""]
     for payload in [*payloads, *compared]:
         minutes = payload["total_seconds"] / 60
@@ -329,8 +335,9 @@ def format_summary_markdown(
             f"callable (1 vs {n} seeds) | verdict | left out |",
             "|---|---:|---:|---:|---:|---:|---|---|",
         ]
-        for other in compared:
-            c = compare(other, payloads, seed_sd)
+        if comparisons is None:
+            comparisons = [compare(other, payloads, seed_sd) for other in compared]
+        for c in comparisons:
             left = ", ".join(c["left_out"]) or "–"
             lines.append(
                 f"| `{c['encoder']}` | {c['tasks']} | {c['value']:.3f} | "
@@ -356,7 +363,9 @@ def write_summary(
     body: dict[str, Any] = {"command": command, "encoders": list(payloads)}
     if len(payloads) > 1:
         body["aggregate"] = aggregate(payloads)
+    comparisons = None
     if len(payloads) > 1 or seed_sd is not None:
-        body["compared"] = [{**c, **compare(c, payloads, seed_sd)} for c in compared]
-    text = format_summary_markdown(payloads, command, compared, seed_sd)
+        comparisons = [compare(c, payloads, seed_sd) for c in compared]
+        body["compared"] = [{**c, **r} for c, r in zip(compared, comparisons, strict=True)]
+    text = format_summary_markdown(payloads, command, compared, seed_sd, comparisons)
     return write_report(out, body, text)

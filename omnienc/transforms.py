@@ -12,12 +12,13 @@
 5. a symmetric pad (images with their minimum, labels with 0) and centre crop to
    ``pre.spatial_size``.
 
-Randomness never lives here: random views belong to the pretext.
+:func:`centred_crop` cuts the fixed-size crop centred on a mask (the reference crop of
+few-shot segmentation). Randomness never lives here: random views belong to the pretext.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -222,3 +223,42 @@ def preprocess_volume(
     if label is not None:
         result["label"] = np.rint(out["label"].as_subclass(torch.Tensor).numpy()).astype(np.int64)
     return result
+
+
+def centred_crop(
+    image: np.ndarray, mask: np.ndarray, size: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` crop centred on the mask's bounding box, padded where the volume ends.
+
+    The reference crop of few-shot segmentation, the pretext's
+    (:func:`omnienc.pretext.segment.segment_fewshot`) and the frozen-feature adapters' alike:
+    the centre of the box rounds up; a mask larger than the crop is cut at its border.
+
+    Args:
+        image: ``(X, Y, Z)`` preprocessed image.
+        mask: ``(X, Y, Z)`` bool, not empty.
+        size: ``(S_x, S_y, S_z)``.
+
+    Returns:
+        The image crop (padded with the image minimum) and the mask crop (padded with 0), both
+        ``(S_x, S_y, S_z)`` float32.
+
+    Raises:
+        ValueError: The mask is empty.
+    """
+    nz = np.nonzero(mask)
+    if not nz[0].size:
+        raise ValueError("the mask is empty")
+    starts = [
+        (int(a.min()) + int(a.max()) + 1) // 2 - s // 2 for a, s in zip(nz, size, strict=True)
+    ]
+    pad = [
+        (max(0, -st), max(0, st + s - n))
+        for st, s, n in zip(starts, size, image.shape, strict=True)
+    ]
+    box = tuple(
+        slice(st + lo, st + lo + s) for st, (lo, _), s in zip(starts, pad, size, strict=True)
+    )
+    img = np.pad(np.asarray(image, np.float32), pad, constant_values=float(image.min()))[box]
+    msk = np.pad(np.asarray(mask, np.float32), pad, constant_values=0.0)[box]
+    return img, msk

@@ -35,41 +35,12 @@ from omnienc.errors import CheckpointError, DataError
 from omnienc.io import Volume, file_suffix, read_volume, write_volume
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import HeadConfig, InContextHead
-from omnienc.transforms import preprocess_volume
+from omnienc.transforms import centred_crop, preprocess_volume
 
 HEAD_NAME = "incontext_head"
 DEFAULT_CROP = (64, 64, 64)
 # Formats whose voxel order segment_files restores in its output (nibabel reads their affine).
 _NIBABEL_GRID_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
-
-
-def _support_crop(
-    image: np.ndarray, mask: np.ndarray, size: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crop ``size`` around the centre of the mask's bounding box, padding where it runs out.
-
-    Args:
-        image: ``(X, Y, Z)`` preprocessed support image.
-        mask: ``(X, Y, Z)`` bool, not empty.
-        size: ``(S_x, S_y, S_z)``.
-
-    Returns:
-        The image crop (padded with the image minimum) and the mask crop (padded with 0), both
-        ``(S_x, S_y, S_z)`` float32. A mask larger than the crop is cut at its border.
-    """
-    nz = np.nonzero(mask)
-    centre = [(int(a.min()) + int(a.max()) + 1) // 2 for a in nz]
-    start = [c - s // 2 for c, s in zip(centre, size, strict=True)]
-    img_out = np.full(tuple(size), float(image.min()), dtype=np.float32)
-    mask_out = np.zeros(tuple(size), dtype=np.float32)
-    src, dst = [], []
-    for st, s, n in zip(start, size, image.shape, strict=True):
-        lo, hi = max(st, 0), min(st + s, n)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - st, hi - st))
-    img_out[tuple(dst)] = image[tuple(src)]
-    mask_out[tuple(dst)] = mask[tuple(src)]
-    return img_out, mask_out
 
 
 def resample_to_grid(
@@ -183,7 +154,7 @@ def segment_fewshot(
             f"the support mask ({int(support_mask.sum())} voxels) vanished when resampled to "
             f"{pre.spacing} mm spacing; use a coarser structure or a finer spacing"
         )
-    ref_image, ref_mask = _support_crop(support["image"][0], mask, size)
+    ref_image, ref_mask = centred_crop(support["image"][0], mask, size)
     query = preprocess_volume(query_image, pre)
     q = query["image"]
 

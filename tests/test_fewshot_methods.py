@@ -41,7 +41,6 @@ from omnienc.data.labeled import read_label_map
 from omnienc.encoders import build_encoder
 from omnienc.io import Volume, read_volume
 from omnienc.pretext.segment import (
-    _support_crop,
     load_incontext_head,
     resample_to_grid,
     segment_fewshot,
@@ -95,18 +94,26 @@ def shipped():
 # ------------------------------------------------------------------------------ windows
 
 
-def test_centred_crop_is_segment_fewshots_reference_crop():
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(20, 17, 9)).astype(np.float32)
-    for centre in [(0, 0, 0), (19, 16, 8), (10, 8, 4), (2, 15, 1)]:
-        mask = np.zeros(image.shape, bool)
-        mask[centre] = True
-        mask[tuple(min(c + 2, n - 1) for c, n in zip(centre, image.shape, strict=True))] = True
-        for size in [(8, 8, 8), (7, 12, 16)]:
-            got = centred_crop(image, mask, size)
-            want = _support_crop(image, mask, size)
-            np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
+def test_centred_crop_centres_the_mask_box_and_pads_with_the_minimum():
+    """The crop's centre is the mask box's (rounded up); outside the volume the image is padded
+    with its minimum and the mask with 0; the pretext's reference crop is the same function."""
+    from omnienc.pretext import segment
+
+    assert segment.centred_crop is centred_crop
+    image = np.arange(20 * 17 * 9, dtype=np.float32).reshape(20, 17, 9) + 5.0
+    mask = np.zeros(image.shape, bool)
+    mask[4:9, 6:8, 3] = True  # box centre (6, 7, 3): (lo + hi + 1) // 2 per axis, hi inclusive
+    img, msk = centred_crop(image, mask, (4, 4, 4))
+    np.testing.assert_array_equal(img, image[4:8, 5:9, 1:5])
+    np.testing.assert_array_equal(msk, mask[4:8, 5:9, 1:5])
+    corner = np.zeros(image.shape, bool)
+    corner[0, 0, 0] = True  # the crop runs out of the volume on the low side of every axis
+    img, msk = centred_crop(image, corner, (6, 6, 6))
+    assert img.shape == msk.shape == (6, 6, 6) and img.dtype == msk.dtype == np.float32
+    np.testing.assert_array_equal(img[3:, 3:, 3:], image[:3, :3, :3])
+    assert (img[:3] == 5.0).all() and msk.sum() == 1.0 and msk[3, 3, 3] == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        centred_crop(image, np.zeros(image.shape, bool), (4, 4, 4))
 
 
 def test_window_features_blend_equals_a_fresh_sweep():

@@ -216,3 +216,24 @@ def test_one_run_is_judged_with_a_given_seed_sd(tmp_path, capsys) -> None:
             main([*argv, "--quick", "--seed-sd", bad, "--out", str(out)])
         assert e.value.code == 2
         assert "--seed-sd must be positive" in capsys.readouterr().err
+
+
+def test_write_summary_judges_each_other_encoder_once(tmp_path, monkeypatch) -> None:
+    """The JSON body and the markdown share one comparison per other encoder, not two."""
+    from omnienc.benchmarks import summary
+
+    calls: list[str] = []
+    real = summary.compare
+
+    def counting(payload, seeds, seed_sd=None):
+        calls.append(payload["encoder"])
+        return real(payload, seeds, seed_sd)
+
+    monkeypatch.setattr(summary, "compare", counting)
+    seeds = [_payload(f"s{i}", (0.7 + 0.01 * i, 0.2)) for i in range(3)]
+    others = [_payload("a", (0.9, 0.5)), _payload("b", (0.7, 0.21))]
+    json_path, md_path = write_summary(seeds, tmp_path / "s", "cmd", others)
+    assert calls == ["a", "b"]
+    body = json.loads(json_path.read_text())
+    for c in body["compared"]:
+        assert f"| `{c['encoder']}` | {c['tasks']} | {c['value']:.3f} |" in md_path.read_text()

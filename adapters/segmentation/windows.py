@@ -5,7 +5,8 @@ Few-shot methods sweep a query with windows the size of the reference crop (MONA
 matched against the same query. :class:`WindowFeatures` runs the encoder over the query's
 windows once, keeps every window's ``forward_intermediates``, and blends any per-window map
 computed from them (:meth:`WindowFeatures.blend`) exactly as a fresh sweep would, window
-coordinates checked. :func:`centred_crop` cuts the reference crop around a mask.
+coordinates checked. :func:`centred_crop` (from :mod:`omnienc.transforms`, shared with the
+pretext's :func:`~omnienc.pretext.segment.segment_fewshot`) cuts the reference crop around a mask.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from omnienc.encoders import Encoder
+from omnienc.transforms import centred_crop
+
+__all__ = ["WindowFeatures", "WindowFn", "centred_crop"]
 
 WindowFn = Callable[[list[torch.Tensor], tuple[int, int, int]], torch.Tensor]
 """Maps one batch's intermediates (``(n, C_i, d_i, h_i, w_i)`` per scale) and the window size
@@ -114,38 +118,3 @@ class WindowFeatures:
             return fn(feats, (int(size[0]), int(size[1]), int(size[2]))).float()
 
         return self._sweep(predictor)
-
-
-def centred_crop(
-    image: np.ndarray, mask: np.ndarray, size: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``size`` crop centred on the mask's bounding box, padded where the volume ends.
-
-    The same crop as the reference of :func:`omnienc.pretext.segment.segment_fewshot` (the
-    centre of the box rounds up; a mask larger than the crop is cut at its border).
-
-    Args:
-        image: ``(X, Y, Z)`` preprocessed image.
-        mask: ``(X, Y, Z)`` bool, not empty.
-        size: ``(S_x, S_y, S_z)``.
-
-    Returns:
-        The image crop (padded with the image minimum) and the mask crop (padded with 0), both
-        ``(S_x, S_y, S_z)`` float32.
-    """
-    nz = np.nonzero(mask)
-    if not nz[0].size:
-        raise ValueError("the mask is empty")
-    starts = [
-        (int(a.min()) + int(a.max()) + 1) // 2 - s // 2 for a, s in zip(nz, size, strict=True)
-    ]
-    pad = [
-        (max(0, -st), max(0, st + s - n))
-        for st, s, n in zip(starts, size, image.shape, strict=True)
-    ]
-    box = tuple(
-        slice(st + lo, st + lo + s) for st, (lo, _), s in zip(starts, pad, size, strict=True)
-    )
-    img = np.pad(np.asarray(image, np.float32), pad, constant_values=float(image.min()))[box]
-    msk = np.pad(np.asarray(mask, np.float32), pad, constant_values=0.0)[box]
-    return img, msk
