@@ -99,6 +99,7 @@ def run_fewshot(
     catalogue: Sequence[LabelledScan] = CATALOGUE,
     registration: RegistrationConfig | None = None,
     overlap: float = DEFAULT_OVERLAP,
+    crop_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run the few-shot benchmark; return the JSON-able payload.
 
@@ -117,6 +118,8 @@ def run_fewshot(
         registration: Registration settings (default: :class:`RegistrationConfig`, or
             :data:`QUICK_REGISTRATION` with ``quick``).
         overlap: Sliding-window overlap of the encoder methods (see ``DEFAULT_OVERLAP``).
+        crop_size: Reference crop and window size of the encoder methods (default: the
+            checkpoint's pretraining crop).
 
     Returns:
         ``{"encoder", "floor", "settings", "methods", "skipped_methods", "rows", "summary",
@@ -125,7 +128,7 @@ def run_fewshot(
 
     Raises:
         CheckpointError: The checkpoint is missing or unreadable.
-        ValueError: Unknown method or architecture, or ``shots < 1``.
+        ValueError: Unknown method or architecture, ``shots < 1`` or a bad ``crop_size``.
         DataError, VolumeReadError: A catalogued file is missing, unreadable or inconsistent.
     """
     start = time.perf_counter()
@@ -135,7 +138,7 @@ def run_fewshot(
         raise ValueError(f"unknown few-shot methods {unknown}; known: {', '.join(METHODS)}")
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
-    roles = build_roles(encoder_spec, seed, overlap)
+    roles = build_roles(encoder_spec, seed, overlap, crop_size)
     skipped = {m: roles.unavailable[m] for m in requested if m in roles.unavailable}
     run_methods = [m for m in METHODS if m in requested and m not in skipped]
     reg = registration or (QUICK_REGISTRATION if quick else RegistrationConfig())
@@ -232,6 +235,25 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-query lines")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init floor")
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="reference crop and window size of the encoder methods, one int or three "
+        "(default: the checkpoint's pretraining crop)",
+    )
+
+
+def crop_size_arg(
+    parser: argparse.ArgumentParser, values: Sequence[int] | None
+) -> tuple[int, int, int] | None:
+    """``--crop-size``: one int (a cube) or three, all positive; a parser error otherwise."""
+    if values is None:
+        return None
+    if len(values) not in (1, 3) or min(values) < 1:
+        parser.error(f"--crop-size takes one or three positive ints, got {list(values)}")
+    return (values[0],) * 3 if len(values) == 1 else (values[0], values[1], values[2])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.quiet,
         seed=args.seed,
         min_voxels=args.min_voxels,
+        crop_size=crop_size_arg(parser, args.crop_size),
     )
     words = list(sys.argv[1:] if argv is None else argv)
     payload["command"] = " ".join(["python -m omnienc.benchmarks.fewshot", *words])

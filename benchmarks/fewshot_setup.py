@@ -8,6 +8,7 @@ shape (``random``, the floor); for ``random:ARCH[:SEED]``, that encoder alone, w
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,18 +114,25 @@ class Roles:
     unavailable: dict[str, str]
 
 
-def build_roles(spec: str, seed: int, overlap: float = 0.5) -> Roles:
+def build_roles(
+    spec: str, seed: int, overlap: float = 0.5, crop_size: Sequence[int] | None = None
+) -> Roles:
     """The encoders of a run for an encoder spec.
 
     Args:
         spec: A checkpoint folder or ``random:ARCH[:SEED]``.
         seed: Seed of the floor (and of a random spec without one).
         overlap: Sliding-window overlap.
+        crop_size: Reference crop and window size ``(S_x, S_y, S_z)`` (default: the
+            checkpoint's pretraining crop, else :data:`FALLBACK_CROP`).
 
     Raises:
         CheckpointError: The folder is not a loadable checkpoint, or its head does not fit.
-        ValueError: Unknown architecture.
+        ValueError: Unknown architecture, or a crop size that is not three positive ints.
     """
+    if crop_size is not None and (len(crop_size) != 3 or min(int(c) for c in crop_size) < 1):
+        raise ValueError(f"crop_size must be three positive ints, got {list(crop_size)}")
+    asked = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]), int(crop_size[2]))
     parsed = parse_random_spec(spec)
     if parsed is not None:
         arch, spec_seed = parsed
@@ -133,9 +141,9 @@ def build_roles(spec: str, seed: int, overlap: float = 0.5) -> Roles:
         cid = random_checkpoint_id(arch, s)
         why = f"{spec} is a random-init encoder with no in-context head"
         return Roles(
-            {"random": EncoderMethods(encoder, None, FALLBACK_CROP, overlap)},
+            {"random": EncoderMethods(encoder, None, asked or FALLBACK_CROP, overlap)},
             Preprocessing(),
-            FALLBACK_CROP,
+            asked or FALLBACK_CROP,
             {"source": spec, "checkpoint": cid, "arch": arch},
             None,
             {},
@@ -152,7 +160,7 @@ def build_roles(spec: str, seed: int, overlap: float = 0.5) -> Roles:
     config = load_checkpoint_config(path)
     meta = config.get("meta") or {}
     c = [int(v) for v in meta.get("crop_size") or FALLBACK_CROP]
-    crop = (c[0], c[1], c[2])
+    crop = asked or (c[0], c[1], c[2])
     head, floor_head = None, None
     unavailable = {}
     if HEAD_NAME in (config.get("extra") or {}):

@@ -409,3 +409,29 @@ def test_two_shot_run_averages_supports(volumes: Path, tmp_path: Path):
     assert cross and all(r["shots"] == 2 and len(r["support_voxels"]) == 2 for r in cross)
     assert all(set(r["dice"]) == set(METHODS) for r in cross)
     assert payload["settings"]["shots"] == 2
+
+
+def test_crop_size_sets_the_reference_crop_and_windows(tiny_data: tuple[Path, list], capsys):
+    """--crop-size replaces the checkpoint's pretraining crop; bad sizes are refused."""
+    from omnienc.benchmarks.fewshot import crop_size_arg, main
+
+    if not CHECKPOINT.is_dir():
+        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
+    root, catalogue = tiny_data
+    kwargs = {"catalogue": catalogue, "min_voxels": 200, "methods": ["head"], "progress": False}
+    p = run_fewshot(str(CHECKPOINT), root, crop_size=(16, 16, 24), **kwargs)
+    assert p["settings"]["crop_size"] == [16, 16, 24]
+    assert "reference crop and windows [16, 16, 24]" in format_fewshot_markdown(p)
+    default = run_fewshot(str(CHECKPOINT), root, **kwargs)
+    assert default["settings"]["crop_size"] == [32, 32, 32]
+    assert [r["dice"]["head"] for r in p["rows"]] != [r["dice"]["head"] for r in default["rows"]]
+    with pytest.raises(ValueError, match="three positive ints"):
+        run_fewshot(str(CHECKPOINT), root, crop_size=(16, 0, 16), **kwargs)
+    parser = argparse.ArgumentParser()
+    add_fewshot_arguments(parser)
+    assert crop_size_arg(parser, parser.parse_args(["--crop-size", "48"]).crop_size) == (48,) * 3
+    assert crop_size_arg(parser, None) is None
+    for bad in (["16", "16"], ["0"]):
+        with pytest.raises(SystemExit):
+            main(["--crop-size", *bad, "--out", "unused"])
+        assert "--crop-size takes one or three positive ints" in capsys.readouterr().err
