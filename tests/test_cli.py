@@ -441,3 +441,24 @@ def test_segment_quiet_and_debug(tmp_path: Path, volumes: Path, capsys):
     assert "no in-context head" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="no in-context head"):
         main([*argv, "--debug"])
+
+
+def test_segment_crop_size_flag(tmp_path: Path, volumes: Path, capsys):
+    """--crop-size takes one int (a cube) or three; anything else is refused before any work."""
+    from omnienc.checkpoint import save_encoder
+    from omnienc.encoders import build_encoder
+    from omnienc.preprocessing import Preprocessing
+
+    segment = ["segment", "CKPT", "--support", "I", "M", "--query", "Q", "-o", "O"]
+    assert build_parser().parse_args([*segment, "--crop-size", "96"]).crop_size == [96]
+    assert build_parser().parse_args(segment).crop_size is None
+    ckpt = save_encoder(build_encoder("resconv_tiny"), tmp_path / "enc", Preprocessing())
+    t = volumes / "totalsegmentator"
+    image = str(t / "example_ct_sm.nii.gz")
+    argv = ["segment", str(ckpt), "--support", image, str(t / "example_seg.nii.gz")]
+    argv += ["--query", image, "-o", str(tmp_path / "o.nii.gz")]
+    for bad in (["48", "48"], ["0"]):
+        with pytest.raises(SystemExit, match="--crop-size takes one or three positive ints"):
+            main([*argv, "--crop-size", *bad])
+    assert main([*argv, "--crop-size", "48", "-q"]) == 1  # the flag is accepted: the head is not
+    assert "no in-context head" in capsys.readouterr().err

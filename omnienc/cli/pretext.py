@@ -50,8 +50,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """``omnienc segment CKPT --support IMG MASK --query IMG -o OUT``."""
     from omnienc.pretext.segment import segment_files
 
+    size = args.crop_size
+    if size is not None and (len(size) not in (1, 3) or min(size) < 1):
+        raise SystemExit(
+            f"omnienc segment: --crop-size takes one or three positive ints, got {size}"
+        )
     out = segment_files(
-        args.checkpoint, args.support[0], args.support[1], args.query, args.output, label=args.label
+        args.checkpoint,
+        args.support[0],
+        args.support[1],
+        args.query,
+        args.output,
+        label=args.label,
+        crop_size=None if size is None else (size * 3 if len(size) == 1 else size),
     )
     print(f"wrote {out}")
     return 0
@@ -87,6 +98,14 @@ def segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--support", nargs=2, type=Path, metavar=("IMG", "MASK"), required=True)
     p.add_argument("--query", type=Path, metavar="IMG", required=True)
     p.add_argument("--label", type=int, help="label value of MASK to use (default: MASK > 0)")
+    p.add_argument(
+        "--crop-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="reference crop and window size in voxels of the checkpoint's spacing, one int or "
+        "three (default: the pretraining crop; benchmarks/results/pretrain.md measures others)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="output .nii.gz")
     add_common_flags(p)
     p.set_defaults(func=cmd_segment)
