@@ -118,8 +118,8 @@ def run_fewshot(
         registration: Registration settings (default: :class:`RegistrationConfig`, or
             :data:`QUICK_REGISTRATION` with ``quick``).
         overlap: Sliding-window overlap of the encoder methods (see ``DEFAULT_OVERLAP``).
-        crop_size: Reference crop and window size of the encoder methods (default: the
-            checkpoint's pretraining crop).
+        crop_size: Reference crop and window size of the encoder methods (default:
+            :func:`~omnienc.pretext.segment.default_window`, 192 mm at the encoder's spacing).
 
     Returns:
         ``{"encoder", "floor", "settings", "methods", "skipped_methods", "rows", "summary",
@@ -241,7 +241,7 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="N",
         help="reference crop and window size of the encoder methods, one int or three "
-        "(default: the checkpoint's pretraining crop)",
+        "(default: 192 mm at the encoder's spacing, MASS's field of view: 96 at 2 mm)",
     )
 
 

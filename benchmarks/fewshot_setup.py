@@ -3,6 +3,10 @@
 :func:`build_roles` turns an encoder spec into the encoders the methods use: for a checkpoint,
 its encoder and in-context head (``pretrained``) and a random-init encoder and head of the same
 shape (``random``, the floor); for ``random:ARCH[:SEED]``, that encoder alone, with no head.
+Every encoder method uses one reference crop and window size: the one asked for, else
+:func:`omnienc.pretext.segment.default_window` (192 mm at the encoder's spacing, as
+``omnienc segment``). Before 2026-12-07 it was the pretraining crop (32^3, 64 mm, for the CPU
+recipes): the results of that time record ``settings.crop_size``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from omnienc.checkpoint import file_sha256, load_checkpoint_config, load_encoder
 from omnienc.encoders import arch_name, parse_random_spec, random_encoder, random_like
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import build_incontext_head
-from omnienc.pretext.segment import HEAD_NAME, load_incontext_head
+from omnienc.pretext.segment import HEAD_NAME, default_window, load_incontext_head
 
 METHODS = (
     "head",
@@ -45,7 +49,6 @@ ROLE_OF = {
 }
 """Which encoder an encoder-based method uses."""
 DEFAULT_MIN_VOXELS = 400  # just under the smaller pyradiomics lesion (brain2: 453 voxels)
-FALLBACK_CROP = (32, 32, 32)  # a random: spec has no pretraining crop; the CPU recipe's
 DEFAULT_OVERLAP = 0.25
 """Sliding-window overlap of the encoder methods: MONAI's default (``omnienc segment`` uses 0.5).
 It sweeps 2.6 times fewer windows (75 instead of 196 on a BraTS scan): the full benchmark took
@@ -98,7 +101,7 @@ class Roles:
     Attributes:
         encoders: ``{"pretrained": ..., "random": ...}`` (only ``random`` for a random spec).
         preprocessing: The encoder's preprocessing.
-        crop_size: The pretraining crop (the reference crop and window size).
+        crop_size: The reference crop and window size of the encoder methods.
         info: ``{"source", "checkpoint", "arch"}`` of the encoder under test.
         floor: ``random:ARCH:SEED`` of the floor (``None`` for a random spec).
         checkpoint_files: File name -> sha256 of the checkpoint folder's files.
@@ -123,8 +126,8 @@ def build_roles(
         spec: A checkpoint folder or ``random:ARCH[:SEED]``.
         seed: Seed of the floor (and of a random spec without one).
         overlap: Sliding-window overlap.
-        crop_size: Reference crop and window size ``(S_x, S_y, S_z)`` (default: the
-            checkpoint's pretraining crop, else :data:`FALLBACK_CROP`).
+        crop_size: Reference crop and window size ``(S_x, S_y, S_z)`` (default:
+            :func:`~omnienc.pretext.segment.default_window` of the encoder).
 
     Raises:
         CheckpointError: The folder is not a loadable checkpoint, or its head does not fit.
@@ -138,12 +141,13 @@ def build_roles(
         arch, spec_seed = parsed
         s = seed if spec_seed is None else spec_seed
         encoder = random_encoder(arch, s).eval()
+        window = asked or default_window(encoder, Preprocessing())
         cid = random_checkpoint_id(arch, s)
         why = f"{spec} is a random-init encoder with no in-context head"
         return Roles(
-            {"random": EncoderMethods(encoder, None, asked or FALLBACK_CROP, overlap)},
+            {"random": EncoderMethods(encoder, None, window, overlap)},
             Preprocessing(),
-            asked or FALLBACK_CROP,
+            window,
             {"source": spec, "checkpoint": cid, "arch": arch},
             None,
             {},
@@ -159,8 +163,7 @@ def build_roles(
     encoder, pre = load_encoder(path)
     config = load_checkpoint_config(path)
     meta = config.get("meta") or {}
-    c = [int(v) for v in meta.get("crop_size") or FALLBACK_CROP]
-    crop = asked or (c[0], c[1], c[2])
+    crop = asked or default_window(encoder, pre, meta.get("crop_size"))
     head, floor_head = None, None
     unavailable = {}
     if HEAD_NAME in (config.get("extra") or {}):

@@ -133,12 +133,14 @@ def run_suite(
             )
         ),
     )
-    timed(
-        "fewshot",
-        lambda: fewshot_scores(
-            fewshot.run_fewshot(encoder_spec, root, quick=plan.quick, progress=progress)
-        ),
-    )
+    windows: list[list[int]] = []
+
+    def fewshot_part() -> list[SuiteScore]:
+        few = fewshot.run_fewshot(encoder_spec, root, quick=plan.quick, progress=progress)
+        windows.append(list(few["settings"]["crop_size"]))
+        return fewshot_scores(few)
+
+    timed("fewshot", fewshot_part)
     timed(
         "brats_classify",
         lambda: brats_classify_scores(
@@ -163,6 +165,7 @@ def run_suite(
         "plan": asdict(plan),
         "scores": [asdict(s) for s in scores],
         "mean_normalised_gain": mean_normalised_gain(scores),
+        "fewshot_window": windows[0],
         "seconds": seconds,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
@@ -200,6 +203,7 @@ def summary_of_bench_all(
         "plan": asdict(SuitePlan()),
         "scores": [asdict(s) for s in scores],
         "mean_normalised_gain": mean_normalised_gain(scores),
+        "fewshot_window": None if fewshot is None else list(fewshot["settings"]["crop_size"]),
         "seconds": {},
         "total_seconds": round(seconds, 1),
     }

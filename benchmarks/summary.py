@@ -199,6 +199,18 @@ def _summary_over(payload: dict[str, Any], tasks: set[str]) -> float:
     return mean_normalised_gain([s for s in scores_of(payload) if s.task in tasks])
 
 
+def fewshot_window_of(payload: dict[str, Any]) -> str:
+    """The few-shot reference crop and window a suite payload was scored with, as text.
+
+    Payloads written before 2026-12-07 do not record it: they used the pretraining crop (32^3
+    for the CPU recipes); since then the default is 192 mm at the encoder's spacing (96^3).
+    """
+    window = payload.get("fewshot_window")
+    if not window:
+        return "not recorded (the pretraining crop)"
+    return "x".join(str(int(v)) for v in window)
+
+
 def compare(
     payload: dict[str, Any], seeds: Sequence[dict[str, Any]], seed_sd: float | None = None
 ) -> dict[str, Any]:
@@ -219,10 +231,12 @@ def compare(
     Returns:
         ``{"encoder", "tasks" (the number of shared tasks), "left_out" (tasks of either side
         not in the comparison), "value", "seeds_mean", "difference", "callable", "seed_sd",
-        "verdict"}``: ``seed_sd`` is the SD the bar used (``seed_sd`` when given, else the
-        seeds' own over the shared tasks), ``callable`` is :func:`callable_difference` of it
-        with 1 vs ``len(seeds)`` seeds; the verdict is ``ahead``, ``behind`` or ``level within
-        seed noise``.
+        "verdict", "warning"}``: ``seed_sd`` is the SD the bar used (``seed_sd`` when given,
+        else the seeds' own over the shared tasks), ``callable`` is
+        :func:`callable_difference` of it with 1 vs ``len(seeds)`` seeds; the verdict is
+        ``ahead``, ``behind`` or ``level within seed noise``; ``warning`` names differing
+        few-shot windows (:func:`fewshot_window_of`) when few-shot tasks are compared, else
+        ``None``.
 
     Raises:
         ValueError: The encoder shares no scored task with the seeds.
@@ -243,6 +257,13 @@ def compare(
     diff = value - float(np.mean(values))
     bar = callable_difference(sd, 1, len(seeds))
     verdict = "level within seed noise" if abs(diff) <= bar else "ahead" if diff > 0 else "behind"
+    windows = sorted({fewshot_window_of(p) for p in [payload, *seeds]})
+    warning = None
+    if len(windows) > 1 and any(t.startswith("fewshot_") for t in shared):
+        warning = (
+            f"few-shot windows differ ({'; '.join(windows)}): the few-shot cells of "
+            f"{payload['encoder']} and the seeds were not scored alike"
+        )
     return {
         "encoder": payload["encoder"],
         "tasks": len(shared),
@@ -253,6 +274,7 @@ def compare(
         "callable": bar,
         "seed_sd": sd,
         "verdict": verdict,
+        "warning": warning,
     }
 
 
@@ -344,6 +366,8 @@ def format_summary_markdown(
                 f"{c['seeds_mean']:.3f} | {c['difference']:+.3f} | {c['callable']:.3f} | "
                 f"{c['verdict']} | {left} |"
             )
+        lines.append("")
+        lines += [f"Warning: {c['warning']}." for c in comparisons if c.get("warning")]
         lines.append("")
     return "\n".join(lines)
 

@@ -13,7 +13,8 @@
    ``pre.spatial_size``.
 
 :func:`centred_crop` cuts the fixed-size crop centred on a mask (the reference crop of
-few-shot segmentation). Randomness never lives here: random views belong to the pretext.
+few-shot segmentation) and :func:`fewshot_window` sizes it and the query windows from a field
+of view in mm. Randomness never lives here: random views belong to the pretext.
 """
 
 from __future__ import annotations
@@ -262,3 +263,50 @@ def centred_crop(
     img = np.pad(np.asarray(image, np.float32), pad, constant_values=float(image.min()))[box]
     msk = np.pad(np.asarray(mask, np.float32), pad, constant_values=0.0)[box]
     return img, msk
+
+
+FEWSHOT_FIELD_OF_VIEW_MM = 192.0
+"""Field of view of few-shot segmentation's reference crop and query windows, in mm per axis.
+
+MASS (https://arxiv.org/abs/2603.13660, its ``inference.py`` in Stanford-AIMI/MASS) pretrains
+and segments with 128^3 windows of 1.5 mm: 192 mm of anatomy, enough to hold a whole organ or
+brain and the tissue around it, so the head sees where a structure is *not*. The head pools
+its task over a mask and scores voxels by dot products, so nothing ties it to its pretraining
+crop; with the 64 mm pretraining crop it fired far from the structure
+(``benchmarks/results/pretrain.md``, findings 19-22)."""
+
+
+def fewshot_window(
+    spacing: Sequence[float] | None,
+    multiple: int = 16,
+    field_of_view_mm: float = FEWSHOT_FIELD_OF_VIEW_MM,
+) -> tuple[int, int, int] | None:
+    """The window, in voxels, that covers ``field_of_view_mm`` at an encoder's voxel spacing.
+
+    Each axis is ``field_of_view_mm / spacing`` rounded to the nearest multiple of ``multiple``
+    (the encoder's deepest stride, so every window tiles its feature grid), at least one
+    ``multiple``: 96 at 2 mm, 128 at 1.5 mm, 48 at 4 mm for 192 mm.
+
+    Args:
+        spacing: ``(s_x, s_y, s_z)`` mm of the encoder's preprocessing, or ``None`` when it keeps
+            the native grid (no window can be derived: the caller falls back).
+        multiple: Round each axis to a multiple of this many voxels.
+        field_of_view_mm: Extent of the window along each axis.
+
+    Returns:
+        ``(S_x, S_y, S_z)``, or ``None`` for ``spacing=None``.
+
+    Raises:
+        ValueError: A spacing, the field of view or ``multiple`` that is not positive.
+    """
+    if multiple < 1 or not field_of_view_mm > 0:
+        raise ValueError(
+            f"multiple and field_of_view_mm must be positive, got {multiple}, {field_of_view_mm}"
+        )
+    if spacing is None:
+        return None
+    mm = [float(s) for s in spacing]
+    if len(mm) != 3 or not min(mm) > 0:
+        raise ValueError(f"spacing must be three positive numbers in mm, got {list(spacing)}")
+    size = [max(1, round(field_of_view_mm / s / multiple)) * multiple for s in mm]
+    return size[0], size[1], size[2]

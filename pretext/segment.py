@@ -10,6 +10,9 @@ inference (MASS, https://arxiv.org/abs/2603.13660, evaluates its pretrained mode
   probability map and the mask on the query's native grid;
 * :func:`segment_files` reads a checkpoint and files, checks them, and writes the mask as a
   uint8 NIfTI aligned voxel-for-voxel with the query file.
+
+Both default the reference crop and the query windows to :func:`default_window`: MASS's
+192 mm field of view at the encoder's spacing (96 voxels at 2 mm), not the pretraining crop.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from omnienc.errors import CheckpointError, DataError
 from omnienc.io import Volume, file_suffix, read_volume, write_volume
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import HeadConfig, InContextHead
-from omnienc.transforms import centred_crop, preprocess_volume
+from omnienc.transforms import centred_crop, fewshot_window, preprocess_volume
 
 HEAD_NAME = "incontext_head"
 DEFAULT_CROP = (64, 64, 64)
@@ -90,6 +93,34 @@ def _check_args(crop_size: Sequence[int], overlap: float, batch_size: int) -> tu
     return size[0], size[1], size[2]
 
 
+def default_window(
+    encoder: Encoder,
+    preprocessing: Preprocessing,
+    pretraining_crop: Sequence[int] | None = None,
+) -> tuple[int, int, int]:
+    """The reference crop and window size of few-shot segmentation unless one is asked for.
+
+    :data:`~omnienc.transforms.FEWSHOT_FIELD_OF_VIEW_MM` at the preprocessing spacing, a
+    multiple of the encoder's deepest stride (:func:`~omnienc.transforms.fewshot_window`); an
+    encoder that keeps the native grid (``spacing=None``) gets its pretraining crop, else
+    :data:`DEFAULT_CROP`.
+
+    Args:
+        encoder: The encoder (its ``feature_info`` reductions give the stride).
+        preprocessing: Its preprocessing.
+        pretraining_crop: The checkpoint's ``meta["crop_size"]``, if any.
+
+    Returns:
+        ``(S_x, S_y, S_z)`` voxels.
+    """
+    stride = max(int(f["reduction"]) for f in encoder.feature_info)
+    window = fewshot_window(preprocessing.spacing, stride)
+    if window is None:
+        c = [int(v) for v in pretraining_crop or DEFAULT_CROP]
+        window = (c[0], c[1], c[2])
+    return window
+
+
 def _device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter (CPU for a module without parameters)."""
     return next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -102,7 +133,7 @@ def segment_fewshot(
     support_image: Volume,
     support_mask: np.ndarray,
     query_image: Volume,
-    crop_size: Sequence[int] = DEFAULT_CROP,
+    crop_size: Sequence[int] | None = None,
     overlap: float = 0.5,
     threshold: float = 0.5,
     batch_size: int = 4,
@@ -124,8 +155,8 @@ def segment_fewshot(
         support_image: The annotated volume.
         support_mask: ``(X, Y, Z)`` bool mask on ``support_image``'s grid.
         query_image: The volume to segment.
-        crop_size: ``(S_x, S_y, S_z)`` of the reference crop and the sliding windows; the
-            pretraining crop size is the natural choice.
+        crop_size: ``(S_x, S_y, S_z)`` of the reference crop and the sliding windows; default
+            :func:`default_window` (192 mm at the preprocessing spacing).
         overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
         threshold: Probability above which a voxel is in the mask.
         batch_size: Windows per encoder call.
@@ -138,7 +169,8 @@ def segment_fewshot(
         ValueError: The mask does not match the support grid, is empty, or is empty after
             resampling to the preprocessing spacing; or an argument is out of range.
     """
-    size = _check_args(crop_size, overlap, batch_size)
+    window = default_window(encoder, preprocessing) if crop_size is None else crop_size
+    size = _check_args(window, overlap, batch_size)
     if support_mask.shape != support_image.shape:
         raise ValueError(
             f"support mask shape {support_mask.shape} differs from the support image "
@@ -290,7 +322,8 @@ def segment_files(
         query_path: The volume to segment.
         output_path: ``.nii`` or ``.nii.gz`` file for the binary mask (uint8).
         label: Segment the voxels of this label value; ``None`` means every label ``> 0``.
-        crop_size: Reference crop and window size; default ``meta["crop_size"]``, else 64^3.
+        crop_size: Reference crop and window size; default :func:`default_window` (192 mm at
+            the checkpoint's spacing; ``meta["crop_size"]`` for a native-grid encoder).
         overlap: Sliding-window overlap in ``[0, 1)``.
         threshold: Probability threshold of the mask.
         batch_size: Windows per encoder call.
@@ -314,7 +347,8 @@ def segment_files(
     head, meta = load_incontext_head(checkpoint_dir, encoder)
     encoder.to(device)
     head.to(device)
-    size = _check_args(crop_size or meta.get("crop_size") or DEFAULT_CROP, overlap, batch_size)
+    window = crop_size or default_window(encoder, preprocessing, meta.get("crop_size"))
+    size = _check_args(window, overlap, batch_size)
 
     support = read_volume(support_image_path)
     check_not_constant(support, "nothing to segment")

@@ -412,7 +412,7 @@ def test_two_shot_run_averages_supports(volumes: Path, tmp_path: Path):
 
 
 def test_crop_size_sets_the_reference_crop_and_windows(tiny_data: tuple[Path, list], capsys):
-    """--crop-size replaces the checkpoint's pretraining crop; bad sizes are refused."""
+    """--crop-size replaces the default 192 mm window (96 at 2 mm); bad sizes are refused."""
     from omnienc.benchmarks.fewshot import crop_size_arg, main
 
     if not CHECKPOINT.is_dir():
@@ -423,7 +423,7 @@ def test_crop_size_sets_the_reference_crop_and_windows(tiny_data: tuple[Path, li
     assert p["settings"]["crop_size"] == [16, 16, 24]
     assert "reference crop and windows [16, 16, 24]" in format_fewshot_markdown(p)
     default = run_fewshot(str(CHECKPOINT), root, **kwargs)
-    assert default["settings"]["crop_size"] == [32, 32, 32]
+    assert default["settings"]["crop_size"] == [96, 96, 96]
     assert [r["dice"]["head"] for r in p["rows"]] != [r["dice"]["head"] for r in default["rows"]]
     with pytest.raises(ValueError, match="three positive ints"):
         run_fewshot(str(CHECKPOINT), root, crop_size=(16, 0, 16), **kwargs)

@@ -16,6 +16,8 @@ from omnienc.io import read_volume
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import HeadConfig, InContextHead
 from omnienc.pretext.segment import (
+    DEFAULT_CROP,
+    default_window,
     load_incontext_head,
     resample_to_grid,
     segment_fewshot,
@@ -109,6 +111,17 @@ def test_segment_fewshot_in_memory(checkpoint: Path, ts: Path):
     assert encoder.training and head.training  # modes restored
     with pytest.raises(ValueError, match="empty"):
         segment_fewshot(encoder, head, PRE, support, np.zeros_like(mask), query)
+
+
+def test_default_window_is_192_mm_at_the_encoder_spacing():
+    """96 voxels at 2 mm; a native-grid encoder keeps its pretraining crop (else 64^3)."""
+    encoder = build_encoder("resconv_tiny")
+    assert default_window(encoder, Preprocessing()) == (96, 96, 96)
+    assert default_window(encoder, PRE) == (32, 32, 32)  # 24 voxels of 8 mm, up to the stride
+    assert default_window(encoder, Preprocessing(spacing=(1.0, 1.0, 3.0))) == (192, 192, 64)
+    native = Preprocessing(spacing=None)
+    assert default_window(encoder, native, [32, 32, 16]) == (32, 32, 16)
+    assert default_window(encoder, native) == DEFAULT_CROP
 
 
 class _Identity(torch.nn.Module):

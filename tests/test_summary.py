@@ -156,6 +156,33 @@ def test_compare_uses_the_tasks_both_sides_have() -> None:
         compare(none, seeds)
 
 
+def test_compare_warns_when_few_shot_windows_differ() -> None:
+    """Few-shot cells scored with another window (or an unrecorded one) are named, not mixed."""
+    from dataclasses import asdict
+
+    from omnienc.benchmarks.summary import compare, fewshot_window_of
+
+    def with_fewshot(name: str, window: list[int] | None) -> dict:
+        p = _payload(name, (0.75, 0.2))
+        p["scores"].append(asdict(SuiteScore("fewshot_head_ct", "head CT", "Dice", 0.1, 0.0)))
+        if window is not None:
+            p["fewshot_window"] = window
+        return p
+
+    seeds = [with_fewshot(f"s{i}", [96, 96, 96]) for i in range(2)]
+    assert fewshot_window_of(seeds[0]) == "96x96x96"
+    assert compare(with_fewshot("same", [96, 96, 96]), seeds)["warning"] is None
+    old = compare(with_fewshot("old", None), seeds)
+    assert old["warning"] == (
+        "few-shot windows differ (96x96x96; not recorded (the pretraining crop)): the few-shot "
+        "cells of old and the seeds were not scored alike"
+    )
+    md = format_summary_markdown(seeds, "cmd", [with_fewshot("old", None)])
+    assert "Warning: few-shot windows differ" in md
+    # Without few-shot tasks in common the windows do not matter.
+    assert compare(_payload("peer", (0.8, 0.2)), seeds)["warning"] is None
+
+
 def test_summary_cli_reuses_earlier_results_files(tmp_path, capsys) -> None:
     """`bench summary` entries ending in .json are earlier results: nothing is run again."""
     from omnienc.benchmarks.suite import main
@@ -237,3 +264,17 @@ def test_write_summary_judges_each_other_encoder_once(tmp_path, monkeypatch) -> 
     body = json.loads(json_path.read_text())
     for c in body["compared"]:
         assert f"| `{c['encoder']}` | {c['tasks']} | {c['value']:.3f} |" in md_path.read_text()
+
+
+def test_bench_all_summary_records_the_few_shot_window() -> None:
+    """The suite payload of bench all's results carries the window its few-shot run used."""
+    from pathlib import Path
+
+    from omnienc.benchmarks.suite import summary_of_bench_all
+
+    path = Path(__file__).parents[1] / "benchmarks/results/bench/fewshot.json"
+    fewshot = json.loads(path.read_text())
+    payload = summary_of_bench_all("ckpt", [], None, fewshot, None, None, 1.0)
+    assert payload["fewshot_window"] == fewshot["settings"]["crop_size"]
+    assert any(s["task"].startswith("fewshot_head") for s in payload["scores"])
+    assert summary_of_bench_all("ckpt", [], None, None, None, None, 1.0)["fewshot_window"] is None

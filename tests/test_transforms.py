@@ -11,7 +11,12 @@ import torch
 
 from omnienc.io import Volume, read_volume
 from omnienc.preprocessing import Preprocessing
-from omnienc.transforms import ModalityNormalize, ModalityNormalized, preprocess_volume
+from omnienc.transforms import (
+    ModalityNormalize,
+    ModalityNormalized,
+    fewshot_window,
+    preprocess_volume,
+)
 
 CT = "totalsegmentator/example_ct_sm.nii.gz"  # (122, 101, 30) at 3 mm, int16 HU
 CT_SEG = "totalsegmentator/example_seg.nii.gz"  # its label map, same grid
@@ -303,3 +308,22 @@ def test_brats_background_stays_background(sequence: str, volumes: Path):
     fg = select_foreground(torch.from_numpy(out["image"])).numpy()[0]
     assert not (fg & ~mask).any()  # background never counts as foreground
     assert (fg & mask).sum() > 0.95 * mask.sum()
+
+
+def test_fewshot_window_covers_192_mm_in_multiples_of_the_stride():
+    """MASS's 192 mm: 96 voxels at 2 mm, 128 at 1.5 mm, 48 at 4 mm; each axis on its own."""
+    assert fewshot_window((2.0, 2.0, 2.0)) == (96, 96, 96)
+    assert fewshot_window((1.5, 1.5, 1.5)) == (128, 128, 128)
+    assert fewshot_window((4.0, 4.0, 4.0)) == (48, 48, 48)
+    # pyradiomics brain MR: 0.78 mm in plane, 6.5 mm slices -> 245.8 and 29.5 voxels
+    assert fewshot_window((0.78125, 0.78125, 6.5)) == (240, 240, 32)
+    assert fewshot_window((2.0, 2.0, 2.0), multiple=32, field_of_view_mm=64.0) == (32, 32, 32)
+    assert fewshot_window((50.0, 50.0, 50.0)) == (16, 16, 16)  # never below one stride
+    assert fewshot_window(None) is None  # native grid: the caller falls back
+    for bad in ((2.0, 0.0, 2.0), (2.0, 2.0)):
+        with pytest.raises(ValueError, match="spacing must be three positive numbers"):
+            fewshot_window(bad)
+    with pytest.raises(ValueError, match="must be positive"):
+        fewshot_window((2.0, 2.0, 2.0), multiple=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        fewshot_window((2.0, 2.0, 2.0), field_of_view_mm=-1.0)

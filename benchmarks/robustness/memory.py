@@ -18,7 +18,8 @@ real data:
 The shipped checkpoint resamples to 2 mm, so the encoder sees grids of at most about 183x152x168
 (the CT at any resolution) and 250x250x150 (the 512x512x300 CT) before the foreground crop;
 ``omnienc embed`` encodes grids larger than 128 voxels along an axis by 128^3 sliding windows
-(:func:`omnienc.embed.pooled_features`), and ``omnienc segment`` always sweeps 32^3 windows.
+(:func:`omnienc.embed.pooled_features`), and ``omnienc segment`` sweeps 96^3 windows (192 mm,
+:func:`omnienc.pretext.segment.default_window`; 32^3 before 2026-12-07), four per encoder call.
 
 The stated bound (:func:`bound_mb`)::
 
