@@ -160,6 +160,7 @@ def run_fewshot(
         for p in scan_files(scans[k], volumes)
     }
     rows = bench.rows()
+    spacing = roles.preprocessing.spacing  # the windows' voxel size in mm
     payload: dict[str, Any] = {
         "benchmark": "fewshot",
         "encoder": roles.info,
@@ -168,6 +169,7 @@ def run_fewshot(
             **settings.to_dict(),
             "registration_text": describe(reg),
             "seed": seed,
+            "spacing": None if spacing is None else [float(v) for v in spacing],
         },
         "methods": run_methods,
         "method_descriptions": method_descriptions(run_methods, settings),

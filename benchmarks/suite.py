@@ -133,11 +133,11 @@ def run_suite(
             )
         ),
     )
-    windows: list[list[int]] = []
+    windows: list[dict[str, Any]] = []
 
     def fewshot_part() -> list[SuiteScore]:
         few = fewshot.run_fewshot(encoder_spec, root, quick=plan.quick, progress=progress)
-        windows.append(list(few["settings"]["crop_size"]))
+        windows.append(fewshot_window_record(few))
         return fewshot_scores(few)
 
     timed("fewshot", fewshot_part)
@@ -165,7 +165,7 @@ def run_suite(
         "plan": asdict(plan),
         "scores": [asdict(s) for s in scores],
         "mean_normalised_gain": mean_normalised_gain(scores),
-        "fewshot_window": windows[0],
+        **windows[0],
         "seconds": seconds,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
@@ -203,9 +203,25 @@ def summary_of_bench_all(
         "plan": asdict(SuitePlan()),
         "scores": [asdict(s) for s in scores],
         "mean_normalised_gain": mean_normalised_gain(scores),
-        "fewshot_window": None if fewshot is None else list(fewshot["settings"]["crop_size"]),
+        **fewshot_window_record(fewshot),
         "seconds": {},
         "total_seconds": round(seconds, 1),
+    }
+
+
+def fewshot_window_record(payload: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"fewshot_window", "fewshot_spacing"}`` of a few-shot payload, for the suite payload.
+
+    The reference crop and window in voxels and their voxel size in mm (``None`` for a
+    native-grid encoder, or for no payload);
+    :func:`omnienc.benchmarks.summary.fewshot_window_of` reads them back.
+    """
+    if payload is None:
+        return {"fewshot_window": None, "fewshot_spacing": None}
+    settings = payload["settings"]
+    return {
+        "fewshot_window": list(settings["crop_size"]),
+        "fewshot_spacing": settings.get("spacing"),
     }
 
 

@@ -202,13 +202,18 @@ def _summary_over(payload: dict[str, Any], tasks: set[str]) -> float:
 def fewshot_window_of(payload: dict[str, Any]) -> str:
     """The few-shot reference crop and window a suite payload was scored with, as text.
 
-    Payloads written before 2026-12-07 do not record it: they used the pretraining crop (32^3
-    for the CPU recipes); since then the default is 192 mm at the encoder's spacing (96^3).
+    In mm when the payload records the voxel size (two encoders of different spacings that
+    both look at 192 mm were scored alike), else in voxels. Payloads written before 2026-12-07
+    record neither: they used each checkpoint's pretraining crop (32^3 voxels, 64 mm, for the
+    CPU recipes); since then the default is 192 mm at the encoder's spacing.
     """
     window = payload.get("fewshot_window")
     if not window:
-        return "not recorded (the pretraining crop)"
-    return "x".join(str(int(v)) for v in window)
+        return "not recorded (before 2026-12-07: the pretraining crop)"
+    spacing = payload.get("fewshot_spacing")
+    if spacing is None:
+        return "x".join(str(int(v)) for v in window) + " voxels"
+    return "x".join(f"{w * s:g}" for w, s in zip(window, spacing, strict=True)) + " mm"
 
 
 def compare(
@@ -335,6 +340,13 @@ def format_summary_markdown(
             "itself uncertain: treat these bars as a first estimate.",
             "",
         ]
+        windows = sorted({fewshot_window_of(p) for p in payloads})
+        if len(windows) > 1:
+            lines += [
+                f"Warning: these encoders' few-shot windows differ ({'; '.join(windows)}): their "
+                "few-shot cells were not scored alike.",
+                "",
+            ]
     if compared and len(payloads) == 1 and seed_sd is None:
         lines += [
             "No verdict on the other encoders: one `--encoder` run has no seed SD of its own "
@@ -367,8 +379,9 @@ def format_summary_markdown(
                 f"{c['verdict']} | {left} |"
             )
         lines.append("")
-        lines += [f"Warning: {c['warning']}." for c in comparisons if c.get("warning")]
-        lines.append("")
+        for c in comparisons:
+            if c.get("warning"):
+                lines += [f"Warning: {c['warning']}.", ""]
     return "\n".join(lines)
 
 

@@ -284,8 +284,9 @@ def fewshot_window(
     """The window, in voxels, that covers ``field_of_view_mm`` at an encoder's voxel spacing.
 
     Each axis is ``field_of_view_mm / spacing`` rounded to the nearest multiple of ``multiple``
-    (the encoder's deepest stride, so every window tiles its feature grid), at least one
-    ``multiple``: 96 at 2 mm, 128 at 1.5 mm, 48 at 4 mm for 192 mm.
+    (the encoder's deepest stride, so every window tiles its feature grid), at least two
+    ``multiple`` (instance normalisation needs more than one voxel in the deepest feature map):
+    96 at 2 mm, 128 at 1.5 mm, 48 at 4 mm for 192 mm.
 
     Args:
         spacing: ``(s_x, s_y, s_z)`` mm of the encoder's preprocessing, or ``None`` when it keeps
@@ -308,5 +309,5 @@ def fewshot_window(
     mm = [float(s) for s in spacing]
     if len(mm) != 3 or not min(mm) > 0:
         raise ValueError(f"spacing must be three positive numbers in mm, got {list(spacing)}")
-    size = [max(1, round(field_of_view_mm / s / multiple)) * multiple for s in mm]
+    size = [max(2, round(field_of_view_mm / s / multiple)) * multiple for s in mm]
     return size[0], size[1], size[2]

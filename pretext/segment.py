@@ -156,7 +156,9 @@ def segment_fewshot(
         support_mask: ``(X, Y, Z)`` bool mask on ``support_image``'s grid.
         query_image: The volume to segment.
         crop_size: ``(S_x, S_y, S_z)`` of the reference crop and the sliding windows; default
-            :func:`default_window` (192 mm at the preprocessing spacing).
+            :func:`default_window` (192 mm at the preprocessing spacing; :data:`DEFAULT_CROP`
+            for a native-grid encoder, where :func:`segment_files` uses the checkpoint's
+            pretraining crop). Memory grows with the window times ``batch_size``.
         overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
         threshold: Probability above which a voxel is in the mask.
         batch_size: Windows per encoder call.
@@ -347,7 +349,8 @@ def segment_files(
     head, meta = load_incontext_head(checkpoint_dir, encoder)
     encoder.to(device)
     head.to(device)
-    window = crop_size or default_window(encoder, preprocessing, meta.get("crop_size"))
+    window: Sequence[int] = default_window(encoder, preprocessing, meta.get("crop_size"))
+    window = window if crop_size is None else crop_size
     size = _check_args(window, overlap, batch_size)
 
     support = read_volume(support_image_path)

@@ -324,6 +324,9 @@ def test_random_spec_runs_what_needs_no_head(tiny_data: tuple[Path, list]):
     assert "no in-context head" in payload["skipped_methods"]["head"]
     assert payload["encoder"]["checkpoint"] == "random:resconv_tiny:3"
     assert payload["floor"] is None and payload["checkpoint_files"] == {}
+    # Preprocessing() resamples to 2 mm: the 192 mm default window is 96 voxels.
+    assert payload["settings"]["crop_size"] == [96, 96, 96]
+    assert payload["settings"]["spacing"] == [2.0, 2.0, 2.0]
     assert "Not run: head" in format_fewshot_markdown(payload)
     assert all(set(r["dice"]) == {"prototype_random", "intensity"} for r in payload["rows"])
 

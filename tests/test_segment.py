@@ -17,6 +17,7 @@ from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import HeadConfig, InContextHead
 from omnienc.pretext.segment import (
     DEFAULT_CROP,
+    HEAD_NAME,
     default_window,
     load_incontext_head,
     resample_to_grid,
@@ -122,6 +123,37 @@ def test_default_window_is_192_mm_at_the_encoder_spacing():
     native = Preprocessing(spacing=None)
     assert default_window(encoder, native, [32, 32, 16]) == (32, 32, 16)
     assert default_window(encoder, native) == DEFAULT_CROP
+
+
+def test_segment_defaults_to_the_192_mm_window_not_the_pretraining_crop(
+    ts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """segment_files and segment_fewshot sweep 192 mm windows unless a crop size is given;
+    the checkpoint's pretraining crop (48^3 here) is not the default any more."""
+    import omnienc.pretext.segment as seg
+
+    sizes: list[tuple[int, ...]] = []
+    real = seg.sliding_window_inference
+
+    def spy(*args, **kwargs):
+        sizes.append(tuple(kwargs["roi_size"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "sliding_window_inference", spy)
+    torch.manual_seed(0)
+    encoder = build_encoder("resconv_tiny")
+    head = InContextHead(encoder.feature_info, HEAD)
+    meta = {"pretext": "mass", "incontext_head": HEAD.to_dict(), "crop_size": [48, 48, 48]}
+    coarse = Preprocessing(spacing=(12.0, 12.0, 12.0))  # 192 mm = 16 voxels -> 2 strides, 32
+    ckpt = save_encoder(encoder, tmp_path / "c", coarse, meta=meta, extra={HEAD_NAME: head})
+    files = (ts / "example_ct_sm.nii.gz", ts / "example_seg.nii.gz", ts / "example_ct_sm.nii.gz")
+    kwargs = {"label": LIVER, "overlap": 0.25}
+    segment_files(ckpt, *files, tmp_path / "a.nii.gz", **kwargs)
+    segment_files(ckpt, *files, tmp_path / "b.nii.gz", crop_size=(48, 48, 32), **kwargs)
+    support = read_volume(files[0])
+    mask = read_volume(files[1]).array == LIVER
+    segment_fewshot(encoder.eval(), head.eval(), coarse, support, mask, support, overlap=0.25)
+    assert sizes == [(32, 32, 32), (48, 48, 32), (32, 32, 32)]
 
 
 class _Identity(torch.nn.Module):

@@ -162,23 +162,35 @@ def test_compare_warns_when_few_shot_windows_differ() -> None:
 
     from omnienc.benchmarks.summary import compare, fewshot_window_of
 
-    def with_fewshot(name: str, window: list[int] | None) -> dict:
+    def with_fewshot(
+        name: str, window: list[int] | None, spacing: tuple[float, ...] | None = (2.0, 2.0, 2.0)
+    ) -> dict:
         p = _payload(name, (0.75, 0.2))
         p["scores"].append(asdict(SuiteScore("fewshot_head_ct", "head CT", "Dice", 0.1, 0.0)))
         if window is not None:
             p["fewshot_window"] = window
+            p["fewshot_spacing"] = None if spacing is None else list(spacing)
         return p
 
     seeds = [with_fewshot(f"s{i}", [96, 96, 96]) for i in range(2)]
-    assert fewshot_window_of(seeds[0]) == "96x96x96"
+    assert fewshot_window_of(seeds[0]) == "192x192x192 mm"
     assert compare(with_fewshot("same", [96, 96, 96]), seeds)["warning"] is None
+    # A 4 mm encoder with 48^3 windows looks at the same 192 mm: scored alike.
+    coarse = with_fewshot("coarse", [48, 48, 48], spacing=(4.0, 4.0, 4.0))
+    assert compare(coarse, seeds)["warning"] is None
     old = compare(with_fewshot("old", None), seeds)
     assert old["warning"] == (
-        "few-shot windows differ (96x96x96; not recorded (the pretraining crop)): the few-shot "
-        "cells of old and the seeds were not scored alike"
+        "few-shot windows differ (192x192x192 mm; not recorded (before 2026-12-07: the "
+        "pretraining crop)): the few-shot cells of old and the seeds were not scored alike"
     )
-    md = format_summary_markdown(seeds, "cmd", [with_fewshot("old", None)])
-    assert "Warning: few-shot windows differ" in md
+    native = with_fewshot("native", [32, 32, 32], spacing=None)
+    assert fewshot_window_of(native) == "32x32x32 voxels"
+    assert "32x32x32 voxels" in compare(native, seeds)["warning"]
+    md = format_summary_markdown(seeds, "cmd", [with_fewshot("old", None), native])
+    assert "\n\nWarning: few-shot windows differ" in md and md.count("Warning:") == 2
+    mixed = format_summary_markdown([seeds[0], with_fewshot("old", None)], "cmd")
+    assert "Warning: these encoders' few-shot windows differ" in mixed
+    assert "Warning" not in format_summary_markdown(seeds, "cmd")
     # Without few-shot tasks in common the windows do not matter.
     assert compare(_payload("peer", (0.8, 0.2)), seeds)["warning"] is None
 
@@ -276,5 +288,7 @@ def test_bench_all_summary_records_the_few_shot_window() -> None:
     fewshot = json.loads(path.read_text())
     payload = summary_of_bench_all("ckpt", [], None, fewshot, None, None, 1.0)
     assert payload["fewshot_window"] == fewshot["settings"]["crop_size"]
+    assert payload["fewshot_spacing"] == fewshot["settings"].get("spacing")
     assert any(s["task"].startswith("fewshot_head") for s in payload["scores"])
-    assert summary_of_bench_all("ckpt", [], None, None, None, None, 1.0)["fewshot_window"] is None
+    none = summary_of_bench_all("ckpt", [], None, None, None, None, 1.0)
+    assert none["fewshot_window"] is None and none["fewshot_spacing"] is None

@@ -317,8 +317,8 @@ def test_fewshot_window_covers_192_mm_in_multiples_of_the_stride():
     assert fewshot_window((4.0, 4.0, 4.0)) == (48, 48, 48)
     # pyradiomics brain MR: 0.78 mm in plane, 6.5 mm slices -> 245.8 and 29.5 voxels
     assert fewshot_window((0.78125, 0.78125, 6.5)) == (240, 240, 32)
-    assert fewshot_window((2.0, 2.0, 2.0), multiple=32, field_of_view_mm=64.0) == (32, 32, 32)
-    assert fewshot_window((50.0, 50.0, 50.0)) == (16, 16, 16)  # never below one stride
+    assert fewshot_window((2.0, 2.0, 2.0), multiple=32, field_of_view_mm=128.0) == (64, 64, 64)
+    assert fewshot_window((50.0, 50.0, 50.0)) == (32, 32, 32)  # never below two strides
     assert fewshot_window(None) is None  # native grid: the caller falls back
     for bad in ((2.0, 0.0, 2.0), (2.0, 2.0)):
         with pytest.raises(ValueError, match="spacing must be three positive numbers"):
