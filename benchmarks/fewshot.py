@@ -56,6 +56,7 @@ from omnienc.benchmarks.fewshot_setup import (
 from omnienc.benchmarks.registration import QUICK_REGISTRATION, RegistrationConfig, describe
 from omnienc.benchmarks.report import machine_facts, write_report
 from omnienc.checkpoint import file_sha256
+from omnienc.cli.common import add_crop_size_flag, crop_size_from_flag
 from omnienc.data.root import resolve_data_root
 
 __all__ = [
@@ -237,12 +238,9 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-query lines")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init floor")
-    parser.add_argument(
-        "--crop-size",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="reference crop and window size of the encoder methods, one int or three "
+    add_crop_size_flag(
+        parser,
+        "reference crop and window size of the encoder methods, one int or three "
         "(default: 192 mm at the encoder's spacing, MASS's field of view: 96 at 2 mm)",
     )
 
@@ -250,12 +248,11 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
 def crop_size_arg(
     parser: argparse.ArgumentParser, values: Sequence[int] | None
 ) -> tuple[int, int, int] | None:
-    """``--crop-size``: one int (a cube) or three, all positive; a parser error otherwise."""
-    if values is None:
-        return None
-    if len(values) not in (1, 3) or min(values) < 1:
-        parser.error(f"--crop-size takes one or three positive ints, got {list(values)}")
-    return (values[0],) * 3 if len(values) == 1 else (values[0], values[1], values[2])
+    """``--crop-size`` (:func:`~omnienc.cli.common.crop_size_from_flag`); a parser error if bad."""
+    try:
+        return crop_size_from_flag(values)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

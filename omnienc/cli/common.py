@@ -2,8 +2,9 @@
 
 :func:`add_common_flags` declares ``-q/--quiet``, ``--debug``, ``--data`` and ``--cache-dir``
 for a subcommand, each where it means something (a subcommand that reads no data root takes no
-``--data``); :func:`add_shard_flag` declares ``--shard K/N``; :func:`print_table` prints the
-aligned text tables the subcommands report with.
+``--data``); :func:`add_shard_flag` declares ``--shard K/N``; :func:`add_crop_size_flag` and
+:func:`crop_size_from_flag` declare and read few-shot segmentation's ``--crop-size``;
+:func:`print_table` prints the aligned text tables the subcommands report with.
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ def add_debug_flag(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     """
     default = False if top else argparse.SUPPRESS
     p.add_argument("--debug", action="store_true", default=default, help=DEBUG_HELP)
+
+
+def add_crop_size_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """Declare ``--crop-size N [N N]``: few-shot segmentation's reference crop and windows."""
+    p.add_argument("--crop-size", type=int, nargs="+", metavar="N", help=help)
+
+
+def crop_size_from_flag(values: Sequence[int] | None) -> tuple[int, int, int] | None:
+    """``--crop-size``'s values: one int (a cube) or three, all positive; ``None`` if not given.
+
+    Raises:
+        ValueError: Another number of values, or one below 1.
+    """
+    if values is None:
+        return None
+    if len(values) not in (1, 3) or min(values) < 1:
+        raise ValueError(f"--crop-size takes one or three positive ints, got {list(values)}")
+    return (values[0],) * 3 if len(values) == 1 else (values[0], values[1], values[2])
 
 
 def add_common_flags(

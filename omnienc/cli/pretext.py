@@ -10,7 +10,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from omnienc.cli.common import add_common_flags, add_shard_flag
+from omnienc.cli.common import (
+    add_common_flags,
+    add_crop_size_flag,
+    add_shard_flag,
+    crop_size_from_flag,
+)
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
@@ -50,11 +55,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """``omnienc segment CKPT --support IMG MASK --query IMG -o OUT``."""
     from omnienc.pretext.segment import segment_files
 
-    size = args.crop_size
-    if size is not None and (len(size) not in (1, 3) or min(size) < 1):
-        raise SystemExit(
-            f"omnienc segment: --crop-size takes one or three positive ints, got {size}"
-        )
+    try:
+        crop_size = crop_size_from_flag(args.crop_size)
+    except ValueError as e:
+        raise SystemExit(f"omnienc segment: {e}") from None
     out = segment_files(
         args.checkpoint,
         args.support[0],
@@ -62,7 +66,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         args.query,
         args.output,
         label=args.label,
-        crop_size=None if size is None else (size * 3 if len(size) == 1 else size),
+        crop_size=crop_size,
     )
     print(f"wrote {out}")
     return 0
@@ -98,12 +102,9 @@ def segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--support", nargs=2, type=Path, metavar=("IMG", "MASK"), required=True)
     p.add_argument("--query", type=Path, metavar="IMG", required=True)
     p.add_argument("--label", type=int, help="label value of MASK to use (default: MASK > 0)")
-    p.add_argument(
-        "--crop-size",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="reference crop and window size in voxels of the checkpoint's spacing, one int or "
+    add_crop_size_flag(
+        p,
+        "reference crop and window size in voxels of the checkpoint's spacing, one int or "
         "three (default: 192 mm, MASS's field of view: 96 at 2 mm; "
         "benchmarks/results/pretrain.md measures others)",
     )
