@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from omnienc.benchmarks.fewshot_windows import fewshot_window_record
 from omnienc.benchmarks.summary import (
     SuiteScore,
     mean_normalised_gain,
@@ -206,22 +207,6 @@ def summary_of_bench_all(
         **fewshot_window_record(fewshot),
         "seconds": {},
         "total_seconds": round(seconds, 1),
-    }
-
-
-def fewshot_window_record(payload: dict[str, Any] | None) -> dict[str, Any]:
-    """``{"fewshot_window", "fewshot_spacing"}`` of a few-shot payload, for the suite payload.
-
-    The reference crop and window in voxels and their voxel size in mm (``None`` for a
-    native-grid encoder, or for no payload);
-    :func:`omnienc.benchmarks.summary.fewshot_window_of` reads them back.
-    """
-    if payload is None:
-        return {"fewshot_window": None, "fewshot_spacing": None}
-    settings = payload["settings"]
-    return {
-        "fewshot_window": list(settings["crop_size"]),
-        "fewshot_spacing": settings.get("spacing"),
     }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from omnienc.benchmarks.fewshot_windows import differing_windows
 from omnienc.benchmarks.report import write_report
 
 # Two-sided 95% normal quantile, for the difference of two recipes' means.
@@ -199,23 +200,6 @@ def _summary_over(payload: dict[str, Any], tasks: set[str]) -> float:
     return mean_normalised_gain([s for s in scores_of(payload) if s.task in tasks])
 
 
-def fewshot_window_of(payload: dict[str, Any]) -> str:
-    """The few-shot reference crop and window a suite payload was scored with, as text.
-
-    In mm when the payload records the voxel size (two encoders of different spacings that
-    both look at 192 mm were scored alike), else in voxels. Payloads written before 2026-12-07
-    record neither: they used each checkpoint's pretraining crop (32^3 voxels, 64 mm, for the
-    CPU recipes); since then the default is 192 mm at the encoder's spacing.
-    """
-    window = payload.get("fewshot_window")
-    if not window:
-        return "not recorded (before 2026-12-07: the pretraining crop)"
-    spacing = payload.get("fewshot_spacing")
-    if spacing is None:
-        return "x".join(str(int(v)) for v in window) + " voxels"
-    return "x".join(f"{w * s:g}" for w, s in zip(window, spacing, strict=True)) + " mm"
-
-
 def compare(
     payload: dict[str, Any], seeds: Sequence[dict[str, Any]], seed_sd: float | None = None
 ) -> dict[str, Any]:
@@ -240,8 +224,8 @@ def compare(
         else the seeds' own over the shared tasks), ``callable`` is
         :func:`callable_difference` of it with 1 vs ``len(seeds)`` seeds; the verdict is
         ``ahead``, ``behind`` or ``level within seed noise``; ``warning`` names differing
-        few-shot windows (:func:`fewshot_window_of`) when few-shot tasks are compared, else
-        ``None``.
+        few-shot windows (:func:`.fewshot_windows.differing_windows`) when few-shot tasks are
+        compared, else ``None``.
 
     Raises:
         ValueError: The encoder shares no scored task with the seeds.
@@ -262,9 +246,9 @@ def compare(
     diff = value - float(np.mean(values))
     bar = callable_difference(sd, 1, len(seeds))
     verdict = "level within seed noise" if abs(diff) <= bar else "ahead" if diff > 0 else "behind"
-    windows = sorted({fewshot_window_of(p) for p in [payload, *seeds]})
+    windows = differing_windows([payload, *seeds])
     warning = None
-    if len(windows) > 1 and any(t.startswith("fewshot_") for t in shared):
+    if windows and any(t.startswith("fewshot_") for t in shared):
         warning = (
             f"few-shot windows differ ({'; '.join(windows)}): the few-shot cells of "
             f"{payload['encoder']} and the seeds were not scored alike"
@@ -340,8 +324,8 @@ def format_summary_markdown(
             "itself uncertain: treat these bars as a first estimate.",
             "",
         ]
-        windows = sorted({fewshot_window_of(p) for p in payloads})
-        if len(windows) > 1:
+        windows = differing_windows(payloads)
+        if windows:
             lines += [
                 f"Warning: these encoders' few-shot windows differ ({'; '.join(windows)}): their "
                 "few-shot cells were not scored alike.",

@@ -349,9 +349,9 @@ def segment_files(
     head, meta = load_incontext_head(checkpoint_dir, encoder)
     encoder.to(device)
     head.to(device)
-    window: Sequence[int] = default_window(encoder, preprocessing, meta.get("crop_size"))
-    window = window if crop_size is None else crop_size
-    size = _check_args(window, overlap, batch_size)
+    if crop_size is None:
+        crop_size = default_window(encoder, preprocessing, meta.get("crop_size"))
+    size = _check_args(crop_size, overlap, batch_size)
 
     support = read_volume(support_image_path)
     check_not_constant(support, "nothing to segment")

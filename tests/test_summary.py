@@ -160,7 +160,8 @@ def test_compare_warns_when_few_shot_windows_differ() -> None:
     """Few-shot cells scored with another window (or an unrecorded one) are named, not mixed."""
     from dataclasses import asdict
 
-    from omnienc.benchmarks.summary import compare, fewshot_window_of
+    from omnienc.benchmarks.fewshot_windows import fewshot_window_of
+    from omnienc.benchmarks.summary import compare
 
     def with_fewshot(
         name: str, window: list[int] | None, spacing: tuple[float, ...] | None = (2.0, 2.0, 2.0)
