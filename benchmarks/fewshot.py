@@ -101,6 +101,7 @@ def run_fewshot(
     registration: RegistrationConfig | None = None,
     overlap: float = DEFAULT_OVERLAP,
     crop_size: Sequence[int] | None = None,
+    runner: type[FewshotRun] = FewshotRun,
 ) -> dict[str, Any]:
     """Run the few-shot benchmark; return the JSON-able payload.
 
@@ -121,6 +122,8 @@ def run_fewshot(
         overlap: Sliding-window overlap of the encoder methods (see ``DEFAULT_OVERLAP``).
         crop_size: Reference crop and window size of the encoder methods (default:
             :func:`~omnienc.pretext.segment.default_window`, 192 mm at the encoder's spacing).
+        runner: The class that plans and runs the queries (a diagnostic may subclass
+            :class:`~omnienc.benchmarks.fewshot_rows.FewshotRun` to score more per query).
 
     Returns:
         ``{"encoder", "floor", "settings", "methods", "skipped_methods", "rows", "summary",
@@ -151,7 +154,7 @@ def run_fewshot(
     keys = [s.key for s in catalogue if any(s.key in (*sup, q) for sup, q in plan)]
     prepared = {k: read_scan(scans[k], volumes, roles.preprocessing) for k in keys}
     read_seconds = time.perf_counter() - start
-    bench = FewshotRun(prepared, roles, run_methods, settings, log=print if progress else None)
+    bench = runner(prepared, roles, run_methods, settings, log=print if progress else None)
     bench.plan(plan, quick)
     bench.run()
 

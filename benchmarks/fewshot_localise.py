@@ -1,0 +1,294 @@
+"""Can test-time localisation rescue the in-context head? Volume priors, components, registration.
+
+A diagnostic of the few-shot benchmark (:mod:`omnienc.benchmarks.fewshot`), run on its
+cross-scan queries with the pretrained head. On CT the head's mask at ``p > 0.5`` is tens of
+times the structure's volume, so the question is whether the head's *ranking* of voxels is
+right and only its threshold or its localisation is wrong. Each variant post-processes the same
+head probabilities on the query's native grid:
+
+* ``head``: ``p > 0.5``, the benchmark's method;
+* ``head_component``: the largest connected component of that mask;
+* ``head_volume``: the ``V`` most probable voxels, ``V`` the supports' mean structure volume in
+  mm^3 on the query's grid (uses the support only: a few-shot method);
+* ``head_volume_oracle``: the same with ``V`` the truth's volume: a ceiling on what any single
+  threshold of the head's map can give (not a method);
+* ``registration``: the benchmark's atlas registration (the localisation the hybrids borrow);
+* ``head_atlas``: the head's mask within ``atlas_margin_mm`` of the registration's mask;
+* ``head_volume_atlas``: within that region, the head's ``V`` most probable voxels, ``V`` the
+  registration mask's volume;
+* ``head_mean_registration``: ``(p + g) / 2 > 0.5``, ``g`` the registration mask smoothed by a
+  Gaussian of ``PRIOR_SIGMA_MM``: a soft prior and the head weighed equally;
+* ``head_times_registration``: ``p * g > 0.25``.
+
+Each row also records the head's voxel ``auc`` (its probability ranking truth against
+everything else on the query). The variants and their constants were fixed before this module
+was run on the suite's encoders; every one is reported, none is selected.
+
+Usage::
+
+    python -m omnienc.benchmarks.fewshot_localise --encoder checkpoints/omnienc-cpu30min \\
+        --out benchmarks/results/pretext/shipped-localise
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+
+from omnienc.adapters.segmentation import WindowFeatures
+from omnienc.benchmarks.fewshot import SHIPPED_CHECKPOINT, run_fewshot
+from omnienc.benchmarks.fewshot_methods import Reference, _resample, within_mm
+from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of, summarize
+from omnienc.benchmarks.fewshot_rows import FewshotRun
+from omnienc.benchmarks.fewshot_scans import Target
+from omnienc.benchmarks.report import write_report
+from omnienc.errors import OmniencError
+
+PRIOR_SIGMA_MM = 5.0
+"""Gaussian sigma (mm) that turns the registration's mask into a soft prior."""
+
+BASE_METHODS = ("head", "registration", "head_atlas")
+"""The benchmark methods the diagnostic runs."""
+
+VARIANTS = (
+    "head",
+    "head_component",
+    "head_volume",
+    "head_volume_oracle",
+    "registration",
+    "head_atlas",
+    "head_volume_atlas",
+    "head_mean_registration",
+    "head_times_registration",
+)
+"""Every variant reported, in table order."""
+
+PAIRED = (
+    ("head_component", "head"),
+    ("head_volume", "head"),
+    ("head_volume_oracle", "head"),
+    ("head_atlas", "registration"),
+    ("head_volume_atlas", "registration"),
+    ("head_mean_registration", "registration"),
+    ("head_times_registration", "registration"),
+)
+"""Paired differences reported: the pure variants against the head, the hybrids against the
+registration whose localisation they borrow."""
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a ``(X, Y, Z)`` bool mask (empty stays empty)."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def top_voxels(prob: np.ndarray, count: float, region: np.ndarray | None = None) -> np.ndarray:
+    """The ``count`` most probable voxels of ``prob`` (within ``region``), as a bool mask.
+
+    Ties at the cut are all kept; voxels at probability 0 never are; ``count`` is rounded and
+    clipped to the voxels available.
+    """
+    values = prob if region is None else np.where(region, prob, -1.0)
+    k = int(np.clip(round(float(count)), 0, values.size))
+    if k == 0:
+        return np.zeros(prob.shape, dtype=bool)
+    cut = np.partition(values.ravel(), values.size - k)[values.size - k]
+    return (values >= cut) & (values > 0)
+
+
+def voxel_auc(prob: np.ndarray, truth: np.ndarray) -> float | None:
+    """ROC AUC of ``prob`` for ``truth`` over every voxel (rank statistic; ties count half)."""
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    r = rankdata(prob.ravel())
+    return float((r[truth.ravel()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class LocaliseRun(FewshotRun):
+    """:class:`FewshotRun` that also scores the variants on every cross-scan query."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._prob: dict[int, np.ndarray] = {}
+
+    def _encoder_methods(
+        self,
+        target: Target,
+        windows: dict[str, WindowFeatures],
+        refs: dict[str, list[Reference]],
+        sims: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        masks = super()._encoder_methods(target, windows, refs, sims)
+        row = target.row
+        if row.group in ("identity", "intra-scan"):
+            return masks
+        em = self.roles.encoders["pretrained"]
+        prob = em.head_probabilities(windows["pretrained"], refs["pretrained"])
+        scan = target.view.scan
+        native = _resample(prob, target.view.pre_affine, scan.image.shape, scan.image.affine, 1)
+        voxel = float(np.prod(scan.image.spacing))
+        support_mm3 = np.mean(
+            [
+                n * float(np.prod(self.prepared[s].image.spacing))
+                for n, s in zip(row.support_voxels, row.supports, strict=True)
+            ]
+        )
+        row.scores["head"]["auc"] = voxel_auc(native, target.truth)
+        self._score(target, "head_component", largest_component(native > 0.5))
+        self._score(target, "head_volume", top_voxels(native, support_mm3 / voxel))
+        self._score(target, "head_volume_oracle", top_voxels(native, target.truth.sum()))
+        self._prob[id(row)] = native
+        return masks
+
+    def _score(self, target: Target, method: str, pred: np.ndarray) -> None:
+        super()._score(target, method, pred)
+        prob = self._prob.get(id(target.row))
+        if method != "registration" or prob is None:
+            return
+        del self._prob[id(target.row)]
+        spacing = np.asarray(target.view.scan.image.spacing, np.float64)
+        region = within_mm(pred, spacing, self.settings.atlas_margin_mm)
+        prior = ndimage.gaussian_filter(pred.astype(np.float32), PRIOR_SIGMA_MM / spacing)
+        self._score(target, "head_volume_atlas", top_voxels(prob, pred.sum(), region))
+        self._score(target, "head_mean_registration", 0.5 * (prob + prior) > 0.5)
+        self._score(target, "head_times_registration", prob * prior > 0.25)
+
+
+def run_localise(
+    encoder_spec: str, data_root: Any = None, *, quick: bool = False, progress: bool = True, **kw
+) -> dict[str, Any]:
+    """The few-shot benchmark's cross-scan queries with every variant scored.
+
+    Args:
+        encoder_spec: An exported checkpoint folder with an in-context head.
+        data_root: The shared data folder (``None``: the default).
+        quick: The benchmark's fixed subset.
+        progress: One line per query.
+        **kw: Passed to :func:`~omnienc.benchmarks.fewshot.run_fewshot` (``catalogue``,
+            ``min_voxels``, ``registration``, ``crop_size``).
+
+    Returns:
+        The few-shot payload, its ``rows`` restricted to cross-scan queries, ``summary``
+        recomputed over :data:`VARIANTS`, plus ``"variants"``, ``"auc"`` (per cell, the head's
+        voxel AUC) and ``"paired"`` (per cell, :data:`PAIRED` differences).
+
+    Raises:
+        ValueError: The encoder has no in-context head.
+        CheckpointError: The checkpoint is missing or unreadable.
+    """
+    if encoder_spec.startswith("random:"):
+        raise ValueError(f"{encoder_spec}: a random-init encoder has no in-context head")
+    payload = run_fewshot(
+        encoder_spec,
+        data_root,
+        quick=quick,
+        methods=list(BASE_METHODS),
+        progress=progress,
+        runner=LocaliseRun,
+        **kw,
+    )
+    if "head" not in payload["methods"]:
+        raise ValueError(f"{encoder_spec}: {payload['skipped_methods']['head']}")
+    rows = [r for r in payload["rows"] if r["group"] not in ("identity", "intra-scan")]
+    payload["rows"] = rows
+    payload["variants"] = list(VARIANTS)
+    payload["summary"] = summarize(rows, VARIANTS)
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        for cell in cells_of(row):
+            by_cell.setdefault(cell, []).append(row)
+    cells = [c for c in cell_order() if c in by_cell]
+    payload["auc"] = {
+        c: bootstrap_mean(
+            [r["scores"]["head"]["auc"] for r in by_cell[c] if r["scores"]["head"]["auc"]]
+        )
+        for c in cells
+    }
+    payload["paired"] = {
+        c: {
+            f"{a} - {b}": bootstrap_mean([r["dice"][a] - r["dice"][b] for r in by_cell[c]])
+            for a, b in PAIRED
+        }
+        for c in cells
+    }
+    return payload
+
+
+def _ci(s: dict[str, Any]) -> str:
+    return "–" if s["mean"] is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]"
+
+
+def localise_markdown(payload: dict[str, Any]) -> str:
+    """The diagnostic's tables: Dice per variant, the head's AUC, the paired differences."""
+    cells = payload["summary"]["cells"]
+    variants = payload["variants"]
+    enc = payload["encoder"]
+    lines = [
+        "# Test-time localisation of the in-context head (few-shot diagnostic)",
+        "",
+        f"Command: `{payload.get('command', '')}`  ",
+        f"Encoder: `{enc.get('checkpoint')}`; windows {payload['settings']['crop_size']}; "
+        f"{len(payload['rows'])} cross-scan queries; {payload['seconds']:.0f} s.",
+        "",
+        "Mean Dice per cell, bootstrap 95% interval over queries (variants: the module's "
+        "docstring, `omnienc.benchmarks.fewshot_localise`; `head_volume_oracle` is a ceiling, "
+        "not a method):",
+        "",
+        "| cell | queries | head AUC | " + " | ".join(variants) + " |",
+        "|---|---:|---:|" + "---|" * len(variants),
+    ]
+    for cell, stats in cells.items():
+        auc = payload["auc"][cell]
+        lines.append(
+            f"| {cell} | {stats['head']['n']} | "
+            + ("–" if auc["mean"] is None else f"{auc['mean']:.3f}")
+            + " | "
+            + " | ".join(_ci(stats[v]) for v in variants)
+            + " |"
+        )
+    pairs = [f"{a} - {b}" for a, b in PAIRED]
+    lines += ["", "Paired differences (same queries), mean [95% interval]:", ""]
+    lines += ["| cell | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for cell, diffs in payload["paired"].items():
+        lines.append(f"| {cell} | " + " | ".join(_ci(diffs[p]) for p in pairs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m omnienc.benchmarks.fewshot_localise``: run, write JSON + Markdown, print."""
+    parser = argparse.ArgumentParser(
+        prog="python -m omnienc.benchmarks.fewshot_localise", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--encoder", default=str(SHIPPED_CHECKPOINT), help="checkpoint folder")
+    parser.add_argument("--out", required=True, help="write OUT.json and OUT.md")
+    parser.add_argument("--data", default=None, help="data root")
+    parser.add_argument("--quick", action="store_true", help="the benchmark's fixed subset")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-query lines")
+    args = parser.parse_args(argv)
+    try:
+        payload = run_localise(args.encoder, args.data, quick=args.quick, progress=not args.quiet)
+    except (OmniencError, ValueError) as e:
+        parser.exit(2, f"fewshot_localise: error: {e}\n")
+    words = list(sys.argv[1:] if argv is None else argv)
+    payload["command"] = " ".join(["python -m omnienc.benchmarks.fewshot_localise", *words])
+    text = localise_markdown(payload)
+    json_path, md_path = write_report(Path(args.out), payload, text)
+    print(text)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The test-time localisation diagnostic: its post-processing, and a tiny run on two CT crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from test_fewshot_bench import CHECKPOINT, _write_crop
+
+from omnienc.benchmarks.fewshot_localise import (
+    PAIRED,
+    VARIANTS,
+    largest_component,
+    localise_markdown,
+    main,
+    run_localise,
+    top_voxels,
+    voxel_auc,
+)
+from omnienc.benchmarks.registration import QUICK_REGISTRATION
+
+
+def test_largest_component_keeps_the_bigger_blob():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[0:2, 0:2, 0:2] = True  # 8 voxels
+    mask[5:8, 5:8, 5:8] = True  # 27 voxels
+    out = largest_component(mask)
+    assert out.sum() == 27 and out[6, 6, 6] and not out[0, 0, 0]
+    assert not largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_top_voxels_takes_the_most_probable_within_the_region():
+    prob = np.arange(27, dtype=np.float32).reshape(3, 3, 3) / 27
+    top = top_voxels(prob, 5)
+    assert top.sum() == 5 and top.ravel()[-5:].all()
+    region = np.zeros_like(top)
+    region[0] = True  # values 0..8 / 27
+    inside = top_voxels(prob, 3, region)
+    assert inside.sum() == 3 and inside[0].ravel()[-3:].all() and not inside[1:].any()
+    assert top_voxels(prob, 0).sum() == 0
+    assert top_voxels(prob, 1e9).sum() == 26  # clipped; the voxel at probability 0 never counts
+
+
+def test_voxel_auc_matches_sklearn_and_handles_degenerate_truths():
+    rng = np.random.default_rng(0)
+    prob = rng.random((6, 7, 8)).round(2)  # ties included
+    truth = prob + rng.normal(0, 0.3, prob.shape) > 0.7
+    assert voxel_auc(prob, truth) == pytest.approx(roc_auc_score(truth.ravel(), prob.ravel()))
+    assert voxel_auc(prob, np.zeros_like(truth)) is None
+    assert voxel_auc(prob, np.ones_like(truth)) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_localise(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if not CHECKPOINT.is_dir():
+        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
+    tmp = tmp_path_factory.mktemp("localise")
+    a = _write_crop(volumes, tmp, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
+    b = _write_crop(
+        volumes, tmp, "b", (slice(200, 320), slice(200, 320), slice(0, 20)), source="ct_dicom"
+    )
+    return run_localise(
+        str(CHECKPOINT),
+        tmp,
+        catalogue=[a, b],
+        min_voxels=200,
+        registration=QUICK_REGISTRATION,
+        progress=False,
+    )
+
+
+def test_tiny_run_scores_every_variant_on_cross_scan_queries(tiny_localise: dict):
+    p = tiny_localise
+    assert p["rows"] and all(r["group"] == "CT" for r in p["rows"])
+    for row in p["rows"]:
+        assert set(row["dice"]) == set(VARIANTS), row["structure"]
+        s = row["scores"]
+        assert 0.0 <= s["head"]["auc"] <= 1.0
+        # The atlas variants only take voxels away from what they restrict.
+        assert s["head_atlas"]["pred_voxels"] <= s["head"]["pred_voxels"]
+        assert s["head_component"]["pred_voxels"] <= s["head"]["pred_voxels"]
+        # The oracle volume is the truth's (more only with ties at the cut).
+        assert s["head_volume_oracle"]["pred_voxels"] >= row["query_voxels"]
+    cell = p["summary"]["cells"]["CT"]
+    assert set(cell) == set(VARIANTS) and cell["head"]["n"] == len(p["rows"])
+    assert set(p["paired"]["CT"]) == {f"{a} - {b}" for a, b in PAIRED}
+    text = localise_markdown({**p, "command": "python -m omnienc.benchmarks.fewshot_localise"})
+    assert "| CT |" in text and "head_volume_oracle" in text
+
+
+def test_main_refuses_a_missing_checkpoint(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--encoder", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--encoder", "random:resconv_tiny", "--out", str(tmp_path / "out"), "--quick"])
+    assert "no in-context head" in capsys.readouterr().err
