@@ -44,6 +44,7 @@ from omnienc.pretext.masks import MaskConfig, compute_folder_masks, propose_mask
 from omnienc.pretext.pairs import PairConfig, sample_pair
 
 AUGMENT_ON = ("auto", "cpu", "device")
+VOLUME_WEIGHTS = ("equal", "voxels")
 PAIR_KEYS = ("ref_image", "query_image", "ref_masks", "query_masks", "task_valid")
 
 logger = logging.getLogger("omnienc")
@@ -71,6 +72,10 @@ class DataConfig:
         augment_on: Where the random views are computed: ``cpu`` (DataLoader), ``device``
             (batched, after the transfer to the accelerator) or ``auto`` (``device`` unless the
             trainer runs on the CPU). The batches are the same either way.
+        volume_weights: How often each volume is drawn: ``equal`` (every volume as often) or
+            ``voxels`` (in proportion to its preprocessed voxels, so that every voxel of the
+            corpus is as likely to be seen: a large scan is no longer drawn as often as a
+            small crop). MedMNIST cubes keep ``medmnist_fraction`` either way.
     """
 
     roots: list[str] = field(default_factory=lambda: ["volumes"])
@@ -89,10 +94,15 @@ class DataConfig:
     cache_dir: str | None = None
     mask_workers: int = 1
     augment_on: str = "auto"
+    volume_weights: str = "equal"
 
     def __post_init__(self) -> None:
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}")
+        if self.volume_weights not in VOLUME_WEIGHTS:
+            raise ValueError(
+                f"volume_weights must be one of {VOLUME_WEIGHTS}, got {self.volume_weights!r}"
+            )
         if not 0.0 <= self.medmnist_fraction <= 1.0:
             raise ValueError(f"medmnist_fraction must be in [0, 1], got {self.medmnist_fraction}")
         if self.medmnist_fraction > 0 and not self.medmnist:
@@ -289,6 +299,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         volumes: list[Volume] = []
+        voxels: list[int] = []
         for folder in self.volume_folders(progress=False):
             results = compute_folder_masks(
                 folder, self.config.masks, self.cache_dir(), workers=1, progress=False
@@ -297,9 +308,13 @@ class PretrainDataModule(pl.LightningDataModule):
             for entry in folder.entries:
                 mask_file = by_source[entry.source].cache_file
                 volumes.append(cached_volume(entry.cache_file, mask_file, entry.preprocessed_shape))
+                voxels.append(int(np.prod(entry.preprocessed_shape)))
                 self.sources.append(entry.source)
         n_volumes = len(volumes)
-        weights = np.full(n_volumes, 1.0 / max(n_volumes, 1))
+        if self.config.volume_weights == "voxels" and n_volumes:
+            weights = np.asarray(voxels, np.float64) / float(sum(voxels))
+        else:
+            weights = np.full(n_volumes, 1.0 / max(n_volumes, 1))
         if self.config.medmnist and self.config.medmnist_fraction > 0:
             cubes, mm_ids = self._medmnist()
             volumes += cubes

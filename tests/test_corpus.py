@@ -97,7 +97,9 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory, volumes: Path) -> Path:
     return root
 
 
-def _module(root: Path, augment_on: str, cache: Path) -> PretrainDataModule:
+def _module(
+    root: Path, augment_on: str, cache: Path, volume_weights: str = "equal"
+) -> PretrainDataModule:
     cfg = DataConfig(
         batch_size=3,
         steps_per_epoch=2,
@@ -105,6 +107,7 @@ def _module(root: Path, augment_on: str, cache: Path) -> PretrainDataModule:
         preprocessing=Preprocessing(spacing=(3.0, 3.0, 3.0)),
         cache_dir=str(cache),
         augment_on=augment_on,
+        volume_weights=volume_weights,
     )
     dm = PretrainDataModule(cfg, data_root=root, seed=3)
     dm.prepare_data()
@@ -119,6 +122,19 @@ def test_data_module_keeps_paths_not_arrays(tiny_root: Path, tmp_path_factory):
     for v in dm.dataset.volumes:
         assert all(not isinstance(x, np.ndarray) for x in vars(v).values())
     assert len(pickle.dumps(dm.dataset)) < 20_000  # what a DataLoader worker receives
+
+
+def test_volume_weights_equal_or_by_voxels(tiny_root: Path, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "corpus-cache"
+    equal = _module(tiny_root, "cpu", cache).dataset
+    by_voxels = _module(tiny_root, "cpu", cache, volume_weights="voxels").dataset
+    assert equal is not None and by_voxels is not None
+    np.testing.assert_allclose(equal.weights, [0.5, 0.5])
+    voxels = np.array([np.prod(v.shape) for v in by_voxels.volumes], np.float64)
+    np.testing.assert_allclose(by_voxels.weights, voxels / voxels.sum())
+    assert len(set(voxels)) == 2  # the CT is larger than the MR: the weights differ
+    with pytest.raises(ValueError, match="volume_weights must be one of"):
+        DataConfig(volume_weights="modality")
 
 
 def test_views_after_the_transfer_equal_views_in_the_loader(tiny_root: Path, tmp_path_factory):
