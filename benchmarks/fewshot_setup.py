@@ -21,6 +21,7 @@ from omnienc.adapters.classification import checkpoint_id, random_checkpoint_id
 from omnienc.benchmarks.fewshot_methods import EncoderMethods
 from omnienc.benchmarks.registration import RegistrationConfig
 from omnienc.checkpoint import file_sha256, load_checkpoint_config, load_encoder
+from omnienc.config import positive_int_triple
 from omnienc.encoders import arch_name, parse_random_spec, random_encoder, random_like
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.incontext import build_incontext_head
@@ -133,9 +134,7 @@ def build_roles(
         CheckpointError: The folder is not a loadable checkpoint, or its head does not fit.
         ValueError: Unknown architecture, or a crop size that is not three positive ints.
     """
-    if crop_size is not None and (len(crop_size) != 3 or min(int(c) for c in crop_size) < 1):
-        raise ValueError(f"crop_size must be three positive ints, got {list(crop_size)}")
-    asked = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]), int(crop_size[2]))
+    asked = None if crop_size is None else positive_int_triple("crop_size", crop_size)
     parsed = parse_random_spec(spec)
     if parsed is not None:
         arch, spec_seed = parsed

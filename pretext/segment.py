@@ -31,6 +31,7 @@ from scipy import ndimage
 from torch import nn
 
 from omnienc.checkpoint import load_checkpoint_config, load_encoder, load_extra, state_mismatch
+from omnienc.config import positive_int_triple
 from omnienc.data.folder import check_not_constant
 from omnienc.data.labeled import check_same_grid, read_label_map
 from omnienc.encoders import Encoder
@@ -83,14 +84,12 @@ def resample_to_grid(
 
 def _check_args(crop_size: Sequence[int], overlap: float, batch_size: int) -> tuple[int, int, int]:
     """Validate the sliding-window arguments; returns the crop size as three ints."""
-    size = tuple(int(s) for s in crop_size)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"crop_size must be three positive ints, got {crop_size!r}")
+    size = positive_int_triple("crop_size", crop_size)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return size[0], size[1], size[2]
+    return size
 
 
 def default_window(
