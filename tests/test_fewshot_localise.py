@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,12 @@ from test_fewshot_bench import CHECKPOINT, _write_crop
 from omnienc.benchmarks.fewshot_localise import (
     PAIRED,
     VARIANTS,
+    best_cut,
     largest_component,
     localise_markdown,
     main,
     run_localise,
+    support_volume_in_query_voxels,
     top_voxels,
     voxel_auc,
 )
@@ -41,6 +45,15 @@ def test_top_voxels_takes_the_most_probable_within_the_region():
     assert inside.sum() == 3 and inside[0].ravel()[-3:].all() and not inside[1:].any()
     assert top_voxels(prob, 0).sum() == 0
     assert top_voxels(prob, 1e9).sum() == 26  # clipped; the voxel at probability 0 never counts
+    assert top_voxels(prob, 20, region).sum() == 8  # the region's 9 voxels, less the zero
+    tied = np.full((2, 2, 2), 0.5, np.float32)
+    assert top_voxels(tied, 3).sum() == 8  # ties at the cut are all kept
+
+
+def test_support_volume_is_converted_to_query_voxels():
+    # 1,000 voxels of 3 mm^3 and 500 of 1 mm^3: mean 1,750 mm^3; query voxels are 0.5 mm^3.
+    v = support_volume_in_query_voxels([1000, 500], [(1, 1, 3), (1, 1, 1)], (0.5, 1, 1))
+    assert v == pytest.approx(3500.0)
 
 
 def test_voxel_auc_matches_sklearn_and_handles_degenerate_truths():
@@ -50,6 +63,22 @@ def test_voxel_auc_matches_sklearn_and_handles_degenerate_truths():
     assert voxel_auc(prob, truth) == pytest.approx(roc_auc_score(truth.ravel(), prob.ravel()))
     assert voxel_auc(prob, np.zeros_like(truth)) is None
     assert voxel_auc(prob, np.ones_like(truth)) is None
+    assert voxel_auc(prob, truth.astype(np.uint8)) == voxel_auc(prob, truth)
+
+
+def test_best_cut_is_the_best_threshold():
+    rng = np.random.default_rng(1)
+    prob = rng.random((5, 6, 7)).round(2)
+    truth = prob + rng.normal(0, 0.2, prob.shape) > 0.6
+
+    def dice(m: np.ndarray) -> float:
+        return 2 * (m & truth).sum() / (m.sum() + truth.sum())
+
+    best = max(dice(prob >= t) for t in np.unique(prob))
+    cut = best_cut(prob, truth)
+    assert dice(cut) == pytest.approx(best)
+    assert dice(cut) >= dice(prob > 0.5)
+    assert not best_cut(prob, np.zeros_like(truth)).any()
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +112,9 @@ def test_tiny_run_scores_every_variant_on_cross_scan_queries(tiny_localise: dict
         assert s["head_component"]["pred_voxels"] <= s["head"]["pred_voxels"]
         # The oracle volume is the truth's (more only with ties at the cut).
         assert s["head_volume_oracle"]["pred_voxels"] >= row["query_voxels"]
+        # No threshold of the head's map beats the best cut (p > 0.5 is one threshold).
+        assert s["head_best_cut"]["dice"] >= s["head"]["dice"] - 1e-3
+        assert s["head_times_registration"]["pred_voxels"] <= s["head"]["pred_voxels"] + 1
     cell = p["summary"]["cells"]["CT"]
     assert set(cell) == set(VARIANTS) and cell["head"]["n"] == len(p["rows"])
     assert set(p["paired"]["CT"]) == {f"{a} - {b}" for a, b in PAIRED}
@@ -95,6 +127,23 @@ def test_main_refuses_a_missing_checkpoint(tmp_path: Path, capsys):
         main(["--encoder", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "nothing" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main(["--encoder", "random:resconv_tiny", "--out", str(tmp_path / "out"), "--quick"])
+    assert exc.value.code == 2
     assert "no in-context head" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_head_is_refused_before_any_query(volumes: Path, tmp_path: Path):
+    if not CHECKPOINT.is_dir():
+        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
+    headless = tmp_path / "headless"
+    shutil.copytree(CHECKPOINT, headless)
+    (headless / "incontext_head.safetensors").unlink()
+    config = json.loads((headless / "config.json").read_text())
+    config["extra"] = {}
+    (headless / "config.json").write_text(json.dumps(config))
+    a = _write_crop(volumes, tmp_path, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
+    box = (slice(200, 320), slice(200, 320), slice(0, 20))
+    b = _write_crop(volumes, tmp_path, "b", box, source="ct_dicom")
+    with pytest.raises(ValueError, match="needs \\['head'"):
+        run_localise(str(headless), tmp_path, catalogue=[a, b], min_voxels=200, progress=False)
