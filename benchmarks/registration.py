@@ -25,8 +25,10 @@ so nothing is flipped to ITK's LPS).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +56,9 @@ class RegistrationConfig(JsonConfig):
         demons_sigma: Gaussian smoothing of the demons field, in mm.
         seed: Seed of the metric's voxel sample, >= 1 (SimpleITK takes 0 to mean "seed from the
             wall clock", which would make every run differ).
-        threads: ITK threads (fixed, so that results do not depend on the machine).
+        threads: ITK threads of every filter :func:`register_atlas` runs (fixed, so that results
+            do not depend on the machine, and 1 so that they do not change from run to run:
+            the mutual-information metric sums over threads in an order that varies).
     """
 
     config_name = "registration"
@@ -193,10 +197,31 @@ def _affine(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig) -> s
     return reg.Execute(fixed, moving)
 
 
+@contextlib.contextmanager
+def itk_threads(n: int) -> Iterator[None]:
+    """Run every SimpleITK filter inside with ``n`` threads (the global default), then restore it.
+
+    ``ImageRegistrationMethod.SetNumberOfThreads`` alone leaves the metric and the other filters
+    on the global default (the machine's cores); with more than one thread their sums, and so
+    the transforms, differed from run to run.
+    """
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def register_atlas(
     support: sitk.Image, query: sitk.Image, config: RegistrationConfig | None = None
 ) -> AtlasTransform:
     """Register the support (atlas) onto the query, both from :func:`working_image`.
+
+    Every filter runs on ``config.threads`` threads (:func:`itk_threads`), so a run of the same
+    registrations in the same order gives the same transforms. Within one process an earlier
+    registration can still move a later one in its last digits (state that ITK keeps between
+    calls), so compare runs, not repeated calls.
 
     Args:
         support: The moving image.
@@ -207,6 +232,11 @@ def register_atlas(
         The transform from query to support points.
     """
     cfg = config or RegistrationConfig()
+    with itk_threads(cfg.threads):
+        return _register(support, query, cfg)
+
+
+def _register(support: sitk.Image, query: sitk.Image, cfg: RegistrationConfig) -> AtlasTransform:
     affine = _affine(query, support, cfg)
     if not cfg.demons_iterations:
         return AtlasTransform(affine, None, 0.0)

@@ -30,6 +30,7 @@ from omnienc.benchmarks.fewshot_methods import (
 )
 from omnienc.benchmarks.registration import (
     RegistrationConfig,
+    itk_threads,
     majority_vote,
     register_atlas,
     to_sitk,
@@ -323,6 +324,43 @@ def test_registration_is_deterministic_and_identity_on_itself(ct_sm):
     warped = [warp_labels(r, labels, support.affine, support.shape, support.affine) for r in regs]
     np.testing.assert_array_equal(warped[0], warped[1])
     assert _dice(warped[0] == LIVER, labels == LIVER) > 0.97
+
+
+_TWO_SCANS = """
+import sys
+import numpy as np
+from omnienc.benchmarks.registration import RegistrationConfig, register_atlas, working_image
+from omnienc.data.labeled import read_label_map
+from omnienc.io import read_volume
+ts = sys.argv[1]
+cfg = RegistrationConfig(spacing=4.0, threads=int(sys.argv[2]))
+images = [read_volume(f"{ts}/{name}") for name in ("example_ct_sm.nii.gz", "example_ct_dicom")]
+work = [working_image(v.array, v.affine, "CT", cfg.spacing) for v in images]
+reg = register_atlas(work[0], work[1], cfg)
+print(repr([*reg.affine.GetParameters(), reg.max_displacement]))
+"""
+
+
+def test_registration_gives_the_same_transform_in_every_run(volumes: Path):
+    """Two processes, one registration each: the transforms are equal to the last digit.
+
+    With the machine's threads (the old behaviour: ITK's global default) they differed.
+    """
+    import subprocess
+    import sys
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    with itk_threads(1):
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    ts = str(volumes / "totalsegmentator")
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _TWO_SCANS, ts, "1"], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and runs[0].startswith("[")
 
 
 def test_warp_labels_box_equals_warping_the_whole_grid(ct_sm, ct_dicom):
