@@ -46,9 +46,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from omnienc.adapters.segmentation import WindowFeatures
 from omnienc.benchmarks.fewshot import SHIPPED_CHECKPOINT, run_fewshot
-from omnienc.benchmarks.fewshot_methods import Reference, _resample, within_mm
+from omnienc.benchmarks.fewshot_methods import _resample, within_mm
 from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of, summarize
 from omnienc.benchmarks.fewshot_rows import FewshotRun
 from omnienc.benchmarks.fewshot_scans import Target
@@ -183,19 +182,10 @@ class LocaliseRun(FewshotRun):
             raise ValueError(f"the localisation diagnostic needs {missing}: {why}")
         self._prob: dict[int, np.ndarray] = {}
 
-    def _encoder_methods(
-        self,
-        target: Target,
-        windows: dict[str, WindowFeatures],
-        refs: dict[str, list[Reference]],
-        sims: dict[str, np.ndarray],
-    ) -> dict[str, np.ndarray]:
-        masks = super()._encoder_methods(target, windows, refs, sims)
+    def _pretrained_head(self, target: Target, prob: np.ndarray, pred: np.ndarray) -> None:
         row = target.row
         if row.group in ("identity", "intra-scan"):
-            return masks
-        em = self.roles.encoders["pretrained"]
-        prob = em.head_probabilities(windows["pretrained"], refs["pretrained"])
+            return
         scan = target.view.scan
         native = _resample(prob, target.view.pre_affine, scan.image.shape, scan.image.affine, 1)
         volume = support_volume_in_query_voxels(
@@ -204,12 +194,11 @@ class LocaliseRun(FewshotRun):
             scan.image.spacing,
         )
         row.scores["head"]["auc"] = voxel_auc(native, target.truth)
-        self._score(target, "head_component", largest_component(masks["head"]))
+        self._score(target, "head_component", largest_component(pred))
         self._score(target, "head_volume", top_voxels(native, volume))
         self._score(target, "head_volume_oracle", top_voxels(native, target.truth.sum()))
         self._score(target, "head_best_cut", best_cut(native, target.truth))
         self._prob[id(row)] = native
-        return masks
 
     def _score(self, target: Target, method: str, pred: np.ndarray) -> None:
         super()._score(target, method, pred)

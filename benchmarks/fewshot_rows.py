@@ -239,7 +239,12 @@ class FewshotRun:
                         self._score(target, head, pred)
                     if role == "pretrained":
                         masks["head"] = pred
+                if role == "pretrained":
+                    self._pretrained_head(target, prob, pred)
         return masks
+
+    def _pretrained_head(self, target: Target, prob: np.ndarray, pred: np.ndarray) -> None:
+        """A hook: the pretrained head's encoder-grid map and native mask of every query row."""
 
     def _intensity(self, target: Target, supports: list[tuple[np.ndarray, np.ndarray]]) -> None:
         if "intensity" in self.methods:
