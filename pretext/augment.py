@@ -65,6 +65,10 @@ class ViewConfig(JsonConfig):
         gamma: ``(p, low, high)``: gamma contrast with ``gamma ~ U(low, high)``.
         noise: ``(p, s)``: Gaussian noise of standard deviation ``U(0, s)``.
         smooth: ``(p, low, high)``: Gaussian smoothing, ``sigma ~ U(low, high)`` per axis.
+
+    ``flip`` and ``rot90`` make the head match a structure whatever the query's orientation,
+    which also makes mirror images (a left and a right kidney) alike; every volume is read in
+    RAS order, so at inference the query is never turned. Set both to 0 to keep orientation.
     """
 
     ref_scale: tuple[float, float] = (0.5, 0.1)
@@ -76,6 +80,31 @@ class ViewConfig(JsonConfig):
     gamma: tuple[float, float, float] = (0.3, 0.7, 1.5)
     noise: tuple[float, float] = (0.3, 0.05)
     smooth: tuple[float, float, float] = (0.2, 0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        pairs = {"ref_scale": self.ref_scale, "ref_shift": self.ref_shift}
+        pairs |= {"scale": self.scale, "shift": self.shift, "noise": self.noise}
+        triples = {"gamma": self.gamma, "smooth": self.smooth}
+        for name, value, n in [
+            *((k, v, 2) for k, v in pairs.items()),
+            *((k, v, 3) for k, v in triples.items()),
+        ]:
+            if len(value) != n:
+                raise ValueError(f"view {name} takes {n} numbers (p, ...), got {list(value)}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        for name, p in [
+            ("flip", self.flip),
+            ("rot90", self.rot90),
+            *((k, v[0]) for k, v in {**pairs, **triples}.items()),
+        ]:
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"view {name}: probability must be in [0, 1], got {p}")
+        for name, (_, lo, hi) in triples.items():
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"view {name}: needs 0 < low <= high, got ({lo}, {hi})")
+        for name, (_, f) in pairs.items():
+            if f < 0:
+                raise ValueError(f"view {name}: the range must be >= 0, got {f}")
 
     @property
     def smooth_radius(self) -> int:

@@ -38,7 +38,7 @@ from omnienc.data.medmnist import MedMNIST, parse_medmnist_spec
 from omnienc.data.root import resolve_data_root
 from omnienc.errors import DataError
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext.augment import augment_sample, augment_views, draw_view_params
+from omnienc.pretext.augment import ViewConfig, augment_sample, augment_views, draw_view_params
 from omnienc.pretext.corpus import CachedVolume, InMemoryVolume, cached_volume
 from omnienc.pretext.masks import MaskConfig, compute_folder_masks, propose_masks
 from omnienc.pretext.pairs import PairConfig, sample_pair
@@ -64,6 +64,7 @@ class DataConfig:
         medmnist_masks: Mask-proposal parameters for MedMNIST cubes (small structures: a lower
             size floor, no cap relative to the body).
         pair: Crop size, overlap and number of tasks.
+        view: Probabilities and ranges of the reference's and the query's random views.
         batch_size: Pairs per step (per device).
         steps_per_epoch: Steps per epoch; checkpoints are written at epoch ends.
         num_workers: DataLoader worker processes.
@@ -88,6 +89,7 @@ class DataConfig:
         default_factory=lambda: MaskConfig(min_voxels=8, max_body_fraction=1.0)
     )
     pair: PairConfig = field(default_factory=PairConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
     batch_size: int = 4
     steps_per_epoch: int = 50
     num_workers: int = 0
@@ -152,6 +154,8 @@ class PairDataset(Dataset):
         augment: Apply the views here (the CPU path); otherwise items carry the view
             parameters (:data:`omnienc.pretext.augment.PARAM_KEYS`) for
             :func:`omnienc.pretext.augment.augment_views` to apply after the transfer.
+        view: Probabilities and ranges of the views (default
+            :class:`~omnienc.pretext.augment.ViewConfig`).
 
     Items are dicts of tensors: ``ref_image``/``query_image`` ``(1, S, S, S)`` float32,
     ``ref_masks``/``query_masks`` ``(T, S, S, S)`` float32, ``task_valid`` ``(T,)`` bool, and
@@ -165,6 +169,7 @@ class PairDataset(Dataset):
         pair: PairConfig,
         seed: int,
         augment: bool = True,
+        view: ViewConfig | None = None,
     ) -> None:
         if not volumes:
             raise ValueError("PairDataset needs at least one volume")
@@ -173,6 +178,7 @@ class PairDataset(Dataset):
         self.pair = pair
         self.seed = seed
         self.augment = augment
+        self.view = view or ViewConfig()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
@@ -180,12 +186,12 @@ class PairDataset(Dataset):
         image, masks = self.volumes[v].open()
         pair = sample_pair(image, masks, self.pair, rng)
         del image, masks  # unmaps the volume: only the crops stay
-        params = draw_view_params(rng, self.pair.crop_size)
+        params = draw_view_params(rng, self.pair.crop_size, self.view)
         item = {
             key: torch.as_tensor(np.ascontiguousarray(value)).reshape(np.shape(value))
             for key, value in [*((k, pair[k]) for k in PAIR_KEYS), *params.items()]
         }
-        return augment_sample(item) if self.augment else item
+        return augment_sample(item, self.view) if self.augment else item
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -327,7 +333,9 @@ class PretrainDataModule(pl.LightningDataModule):
             len(volumes) - n_volumes,
             sum(v.n_masks for v in volumes),
         )
-        self.dataset = PairDataset(volumes, weights, self.config.pair, seed=self.seed)
+        self.dataset = PairDataset(
+            volumes, weights, self.config.pair, seed=self.seed, view=self.config.view
+        )
         trainer = getattr(self, "trainer", None)
         self.sampler = StepBatchSampler(
             self.config.batch_size,
@@ -371,4 +379,4 @@ class PretrainDataModule(pl.LightningDataModule):
         Returns:
             The augmented batch; a batch augmented in the loader passes unchanged.
         """
-        return augment_views(batch) if isinstance(batch, dict) else batch
+        return augment_views(batch, self.config.view) if isinstance(batch, dict) else batch

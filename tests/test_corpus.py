@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext.augment import PARAM_KEYS, augment_views, hash_normal
+from omnienc.pretext.augment import PARAM_KEYS, ViewConfig, augment_views, hash_normal
 from omnienc.pretext.corpus import CachedVolume, PackedMasks, image_sidecar, mask_sidecar
 from omnienc.pretext.data import DataConfig, PretrainDataModule
 from omnienc.pretext.masks import MaskConfig, save_masks
@@ -98,7 +98,11 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory, volumes: Path) -> Path:
 
 
 def _module(
-    root: Path, augment_on: str, cache: Path, volume_weights: str = "equal"
+    root: Path,
+    augment_on: str,
+    cache: Path,
+    volume_weights: str = "equal",
+    view: ViewConfig | None = None,
 ) -> PretrainDataModule:
     cfg = DataConfig(
         batch_size=3,
@@ -108,6 +112,7 @@ def _module(
         cache_dir=str(cache),
         augment_on=augment_on,
         volume_weights=volume_weights,
+        view=view or ViewConfig(),
     )
     dm = PretrainDataModule(cfg, data_root=root, seed=3)
     dm.prepare_data()
@@ -153,6 +158,44 @@ def test_views_after_the_transfer_equal_views_in_the_loader(tiny_root: Path, tmp
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
         assert not torch.equal(raw["query_image"], b["query_image"])
         assert on_cpu.on_after_batch_transfer(a, 0).keys() == a.keys()  # no second pass
+
+
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_view_config_reaches_the_views(tiny_root: Path, tmp_path_factory, augment_on: str):
+    """``data.view`` with no flip or turn: the query masks keep the raw pair's orientation."""
+    cache = tmp_path_factory.getbasetemp() / "corpus-cache"
+    upright = ViewConfig(flip=0.0, rot90=0.0)
+    kept = _module(tiny_root, augment_on, cache, view=upright)
+    turned = _module(tiny_root, augment_on, cache)
+    raw = _module(tiny_root, "device", cache, view=upright)  # its loader leaves the views
+    assert kept.dataset is not None and kept.dataset.view == upright
+    moved = 0
+    for step in range(4):
+        for dm in (kept, turned, raw):
+            dm.set_step(step)
+        pairs = next(iter(raw.train_dataloader()))
+        a = kept.on_after_batch_transfer(next(iter(kept.train_dataloader())), 0)
+        b = turned.on_after_batch_transfer(next(iter(turned.train_dataloader())), 0)
+        torch.testing.assert_close(a["query_masks"], pairs["query_masks"])
+        torch.testing.assert_close(a["ref_image"], b["ref_image"])  # same pairs, same draws
+        moved += not torch.equal(b["query_masks"], pairs["query_masks"])
+    assert moved > 0  # the default view does flip or turn some queries
+
+
+def test_view_config_is_checked():
+    with pytest.raises(ValueError, match="flip: probability must be in"):
+        ViewConfig(flip=1.5)
+    with pytest.raises(ValueError, match="gamma takes 3 numbers"):
+        ViewConfig(gamma=(0.5, 1.0))
+    with pytest.raises(ValueError, match="smooth: needs 0 < low <= high"):
+        ViewConfig(smooth=(0.2, 1.0, 0.5))
+    with pytest.raises(ValueError, match="noise: the range must be >= 0"):
+        ViewConfig(noise=(0.3, -0.1))
+    assert ViewConfig.from_dict(ViewConfig(gamma=(0.5, 0.5, 2.0)).to_dict()).gamma == (
+        0.5,
+        0.5,
+        2.0,
+    )
 
 
 def test_hash_noise_is_standard_normal_and_seeded():
