@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from omnienc.adapters.language.items import LabelledVolume, PairedItem, PairedItems, PairedVolumes
 from omnienc.adapters.language.reports import TERM_ORDER, adrenal_report, crop_report, report_term
+from omnienc.config import positive_int_triple
 from omnienc.data.labeled import LabeledVolumes
 from omnienc.data.medmnist import MedMNIST
 from omnienc.data.root import resolve_data_root
@@ -107,11 +108,9 @@ class PairedDataConfig:
     max_items: int | None = None
 
     def __post_init__(self) -> None:
-        self.crop_size = tuple(int(c) for c in self.crop_size)  # type: ignore[assignment]
+        self.crop_size = positive_int_triple("crop_size", self.crop_size)
         if not self.sources:
             raise ValueError("data.sources is empty")
-        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
-            raise ValueError(f"crop_size must be three positive ints, got {self.crop_size}")
         if min(self.train_stride, self.test_stride, self.min_voxels) < 1:
             raise ValueError("strides and min_voxels must be >= 1")
         if not 0.0 <= self.min_foreground <= 1.0:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from omnienc.config import positive_int_triple
 from omnienc.data.labeled import check_same_grid, read_label_map
 from omnienc.data.labelnames import structure_names
 from omnienc.errors import DataError
@@ -146,9 +147,7 @@ def structure_crops(
         DataError: The grids differ, the label map is not integer, or no structure is large
             enough.
     """
-    size = tuple(int(s) for s in crop_size)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"crop_size must be three positive ints, got {crop_size!r}")
+    size = positive_int_triple("crop_size", crop_size)
     image = read_volume(image_path)
     labels = read_label_map(label_path)
     check_same_grid(image, labels)

@@ -24,6 +24,7 @@ from omnienc.adapters.segmentation.decoder import (
 )
 from omnienc.adapters.segmentation.inference import dice_scores, sliding_window_probabilities
 from omnienc.adapters.segmentation.items import RandomCrops, SegItem, _check_labels
+from omnienc.config import positive_int_triple
 from omnienc.encoders.base import Encoder
 from omnienc.optim import adamw_warmup_cosine, decay_groups
 
@@ -144,9 +145,7 @@ def train_segmentation(
         ValueError: No training items, a bad crop size or step count, or labels outside
             ``0..num_classes - 1`` (the message names the item).
     """
-    crop = tuple(int(s) for s in crop_size)
-    if len(crop) != 3 or min(crop) < 1:
-        raise ValueError(f"crop_size must be three positive ints, got {crop_size!r}")
+    crop = positive_int_triple("crop_size", crop_size)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if not train_items:
