@@ -37,22 +37,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from omnienc.benchmarks.fewshot import SHIPPED_CHECKPOINT, run_fewshot
+from omnienc.benchmarks.fewshot import run_fewshot
+from omnienc.benchmarks.fewshot_diagnostics import diagnostic_main, interval_text
 from omnienc.benchmarks.fewshot_methods import _resample, within_mm
 from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of, summarize
 from omnienc.benchmarks.fewshot_rows import FewshotRun
 from omnienc.benchmarks.fewshot_scans import Target
-from omnienc.benchmarks.report import write_report
-from omnienc.errors import OmniencError
 
 PRIOR_SIGMA_MM = 5.0
 """Gaussian sigma (mm) that turns the registration's mask into a soft prior."""
@@ -277,10 +273,6 @@ def run_localise(
     return payload
 
 
-def _ci(s: dict[str, Any]) -> str:
-    return "–" if s["mean"] is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]"
-
-
 def localise_markdown(payload: dict[str, Any]) -> str:
     """The diagnostic's tables: Dice per variant, the head's AUC, the paired differences."""
     cells = payload["summary"]["cells"]
@@ -306,39 +298,23 @@ def localise_markdown(payload: dict[str, Any]) -> str:
             f"| {cell} | {stats['head']['n']} | "
             + ("–" if auc["mean"] is None else f"{auc['mean']:.3f}")
             + " | "
-            + " | ".join(_ci(stats[v]) for v in variants)
+            + " | ".join(interval_text(stats[v]) for v in variants)
             + " |"
         )
     pairs = [f"{a} - {b}" for a, b in PAIRED]
     lines += ["", "Paired differences (same queries), mean [95% interval]:", ""]
     lines += ["| cell | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
     for cell, diffs in payload["paired"].items():
-        lines.append(f"| {cell} | " + " | ".join(_ci(diffs[p]) for p in pairs) + " |")
+        lines.append(f"| {cell} | " + " | ".join(interval_text(diffs[p]) for p in pairs) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m omnienc.benchmarks.fewshot_localise``: run, write JSON + Markdown, print."""
-    parser = argparse.ArgumentParser(
-        prog="python -m omnienc.benchmarks.fewshot_localise", description=__doc__.split("\n")[0]
+    doc = (__doc__ or "").split("\n")[0]
+    return diagnostic_main(
+        "omnienc.benchmarks.fewshot_localise", doc, run_localise, localise_markdown, argv
     )
-    parser.add_argument("--encoder", default=str(SHIPPED_CHECKPOINT), help="checkpoint folder")
-    parser.add_argument("--out", required=True, help="write OUT.json and OUT.md")
-    parser.add_argument("--data", default=None, help="data root")
-    parser.add_argument("--quick", action="store_true", help="the benchmark's fixed subset")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no per-query lines")
-    args = parser.parse_args(argv)
-    try:
-        payload = run_localise(args.encoder, args.data, quick=args.quick, progress=not args.quiet)
-    except (OmniencError, ValueError) as e:
-        parser.exit(2, f"fewshot_localise: error: {e}\n")
-    words = list(sys.argv[1:] if argv is None else argv)
-    payload["command"] = " ".join(["python -m omnienc.benchmarks.fewshot_localise", *words])
-    text = localise_markdown(payload)
-    json_path, md_path = write_report(Path(args.out), payload, text)
-    print(text)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
 
 
 if __name__ == "__main__":

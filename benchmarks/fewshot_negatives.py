@@ -30,10 +30,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,14 +38,13 @@ import torch
 from scipy import ndimage
 
 from omnienc.adapters.segmentation import WindowFeatures
-from omnienc.benchmarks.fewshot import SHIPPED_CHECKPOINT, run_fewshot
+from omnienc.benchmarks.fewshot import run_fewshot
+from omnienc.benchmarks.fewshot_diagnostics import diagnostic_main, interval_text
 from omnienc.benchmarks.fewshot_methods import Reference
 from omnienc.benchmarks.fewshot_pairs import Structure
 from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of, summarize
 from omnienc.benchmarks.fewshot_rows import FewshotRun
 from omnienc.benchmarks.fewshot_scans import PreparedScan, Target, support_mask, whole
-from omnienc.benchmarks.report import write_report
-from omnienc.errors import OmniencError
 from omnienc.pretext.masks import MaskConfig
 from omnienc.pretext.masks.image import body_mask
 from omnienc.pretext.masks.providers import propose_masks
@@ -225,10 +221,6 @@ def run_negatives(
     return payload
 
 
-def _ci(s: dict[str, Any]) -> str:
-    return "–" if s["mean"] is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]"
-
-
 def negatives_markdown(payload: dict[str, Any]) -> str:
     """The diagnostic's tables: Dice per variant, and each variant minus the head."""
     variants, cells = payload["variants"], payload["summary"]["cells"]
@@ -249,39 +241,23 @@ def negatives_markdown(payload: dict[str, Any]) -> str:
     for cell, stats in cells.items():
         lines.append(
             f"| {cell} | {stats['head']['n']} | "
-            + " | ".join(_ci(stats[v]) for v in variants)
+            + " | ".join(interval_text(stats[v]) for v in variants)
             + " |"
         )
     pairs = [f"{v} - head" for v in variants[1:]]
     lines += ["", "Paired differences (same queries), mean [95% interval]:", ""]
     lines += ["| cell | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
     for cell, diffs in payload["paired"].items():
-        lines.append(f"| {cell} | " + " | ".join(_ci(diffs[p]) for p in pairs) + " |")
+        lines.append(f"| {cell} | " + " | ".join(interval_text(diffs[p]) for p in pairs) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m omnienc.benchmarks.fewshot_negatives``: run, write JSON + Markdown, print."""
-    parser = argparse.ArgumentParser(
-        prog="python -m omnienc.benchmarks.fewshot_negatives", description=__doc__.split("\n")[0]
+    doc = (__doc__ or "").split("\n")[0]
+    return diagnostic_main(
+        "omnienc.benchmarks.fewshot_negatives", doc, run_negatives, negatives_markdown, argv
     )
-    parser.add_argument("--encoder", default=str(SHIPPED_CHECKPOINT), help="checkpoint folder")
-    parser.add_argument("--out", required=True, help="write OUT.json and OUT.md")
-    parser.add_argument("--data", default=None, help="data root")
-    parser.add_argument("--quick", action="store_true", help="the benchmark's fixed subset")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no per-query lines")
-    args = parser.parse_args(argv)
-    try:
-        payload = run_negatives(args.encoder, args.data, quick=args.quick, progress=not args.quiet)
-    except (OmniencError, ValueError) as e:
-        parser.exit(2, f"fewshot_negatives: error: {e}\n")
-    words = list(sys.argv[1:] if argv is None else argv)
-    payload["command"] = " ".join(["python -m omnienc.benchmarks.fewshot_negatives", *words])
-    text = negatives_markdown(payload)
-    json_path, md_path = write_report(Path(args.out), payload, text)
-    print(text)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from omnienc.benchmarks.fewshot_localise import (
     best_cut,
     largest_component,
     localise_markdown,
-    main,
     run_localise,
     support_volume_in_query_voxels,
     top_voxels,
@@ -120,17 +119,6 @@ def test_tiny_run_scores_every_variant_on_cross_scan_queries(tiny_localise: dict
     assert set(p["paired"]["CT"]) == {f"{a} - {b}" for a, b in PAIRED}
     text = localise_markdown({**p, "command": "python -m omnienc.benchmarks.fewshot_localise"})
     assert "| CT |" in text and "head_volume_oracle" in text
-
-
-def test_main_refuses_a_missing_checkpoint(tmp_path: Path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--encoder", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
-    assert exc.value.code == 2
-    assert "nothing" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--encoder", "random:resconv_tiny", "--out", str(tmp_path / "out"), "--quick"])
-    assert exc.value.code == 2
-    assert "no in-context head" in capsys.readouterr().err
 
 
 def test_a_checkpoint_without_a_head_is_refused_before_any_query(volumes: Path, tmp_path: Path):

@@ -13,7 +13,6 @@ from omnienc.benchmarks.fewshot_negatives import (
     NEGATIVES,
     VARIANTS,
     beats_negatives,
-    main,
     negative_masks,
     negatives_markdown,
     run_negatives,
@@ -82,14 +81,3 @@ def test_tiny_run_scores_every_variant_on_cross_scan_queries(tiny_negatives: dic
     assert set(p["paired"]["CT"]) == {f"{v} - head" for v in VARIANTS[1:]}
     text = negatives_markdown({**p, "command": "python -m omnienc.benchmarks.fewshot_negatives"})
     assert "| CT |" in text and "head_vs_proposals" in text
-
-
-def test_main_refuses_a_missing_checkpoint_or_a_random_encoder(tmp_path: Path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--encoder", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
-    assert exc.value.code == 2
-    assert "nothing" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--encoder", "random:resconv_tiny", "--out", str(tmp_path / "out"), "--quick"])
-    assert exc.value.code == 2
-    assert "no in-context head" in capsys.readouterr().err
