@@ -168,7 +168,9 @@ def support_volume_in_query_voxels(
 
 
 class LocaliseRun(FewshotRun):
-    """:class:`FewshotRun` that also scores the variants on every cross-scan query."""
+    """:class:`FewshotRun` that also scores the variants on every cross-scan query (only)."""
+
+    cross_only = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -180,8 +182,6 @@ class LocaliseRun(FewshotRun):
 
     def _pretrained_head(self, target: Target, prob: np.ndarray, pred: np.ndarray) -> None:
         row = target.row
-        if row.group in ("identity", "intra-scan"):
-            return
         scan = target.view.scan
         native = _resample(prob, target.view.pre_affine, scan.image.shape, scan.image.affine, 1)
         volume = support_volume_in_query_voxels(
@@ -244,8 +244,7 @@ def run_localise(
         **kw,
     )
     payload["benchmark"] = "fewshot_localise"
-    rows = [r for r in payload["rows"] if r["group"] not in ("identity", "intra-scan")]
-    payload["rows"] = rows
+    rows = payload["rows"]  # cross-scan only (``cross_only``)
     payload["variants"] = list(VARIANTS)
     payload["summary"] = summarize(rows, VARIANTS)
     by_cell: dict[str, list[dict[str, Any]]] = {}

@@ -116,6 +116,8 @@ class NegativesRun(FewshotRun):
     benchmark calls once per query scan before its rows.
     """
 
+    cross_only = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if "head" not in self.methods:
@@ -147,8 +149,6 @@ class NegativesRun(FewshotRun):
 
     def _pretrained_head(self, target: Target, prob: np.ndarray, pred: np.ndarray) -> None:
         row = target.row
-        if row.group in ("identity", "intra-scan"):
-            return
         assert self._windows is not None
         em = self.roles.encoders["pretrained"]
         maps: dict[str, list[np.ndarray]] = {"proposals": [], "ring": []}
@@ -198,8 +198,7 @@ def run_negatives(
         **kw,
     )
     payload["benchmark"] = "fewshot_negatives"
-    rows = [r for r in payload["rows"] if r["group"] not in ("identity", "intra-scan")]
-    payload["rows"] = rows
+    rows = payload["rows"]  # cross-scan only (``cross_only``)
     payload["variants"] = list(VARIANTS)
     payload["constants"] = {
         "negatives": NEGATIVES,

@@ -27,7 +27,6 @@ from omnienc.benchmarks.fewshot_methods import (
     intensity_mask,
     native_mask,
     score,
-    truth_box,
     within_mm,
 )
 from omnienc.benchmarks.fewshot_pairs import Structure, in_quick_subset
@@ -62,7 +61,13 @@ class FewshotRun:
         methods: The methods to run.
         settings: The run's settings.
         log: Called with one line per finished query (``None``: silent).
+
+    Attributes:
+        cross_only: Skip the identity and intra-scan rows (a diagnostic of the cross-scan
+            queries sets it).
     """
+
+    cross_only = False
 
     def __init__(
         self,
@@ -146,17 +151,12 @@ class FewshotRun:
         return None
 
     def _target(self, row: Row, view: View, st: Structure) -> Target:
-        """The truth of a row on its query view, and the box outside which predictions are far.
+        return Target.of(row, view, st, self.settings.crop_size)
 
-        *Far* is more than half a window (in mm of the encoder grid) outside the truth's box.
-        """
-        scan = view.scan
-        truth = view.truth(st)
-        window_mm = np.asarray(self.settings.crop_size) * np.linalg.norm(
-            scan.pre_affine[:3, :3], axis=0
-        )
-        margin = 0.5 * window_mm / np.asarray(scan.image.spacing)
-        return Target(row, view, truth, truth_box(truth, margin))
+    def _diagnosed(self, st: Structure) -> bool:
+        """Whether the identity and intra-scan rows of ``st`` run (``--quick``: a few only)."""
+        quick = self.settings.quick and st.name not in QUICK_DIAGNOSTICS
+        return not (self.cross_only or quick)
 
     def _score(self, target: Target, method: str, pred: np.ndarray) -> None:
         target.row.scores[method] = score(pred, target.truth, target.box)
@@ -279,7 +279,7 @@ class FewshotRun:
 
     def _cut(self, scan: PreparedScan, st: Structure) -> Cut | None:
         """The intra-scan halves of a structure, or ``None`` when a half holds too little."""
-        if self.settings.quick and st.name not in QUICK_DIAGNOSTICS:
+        if not self._diagnosed(st):
             return None
         cut = halves(scan, st)
         if cut is None:
@@ -320,7 +320,7 @@ class FewshotRun:
                     r.threshold = best_threshold(sim[j][c.lower.box], c.mask)
                 sims[role] = sim[: len(masks)]
         for i, st in enumerate(structures):
-            if self.settings.quick and st.name not in QUICK_DIAGNOSTICS:
+            if not self._diagnosed(st):
                 continue
             row = Row(
                 "identity", scan.scan.group, st, (key,), key, [scan.voxels(st)], scan.voxels(st)

@@ -12,6 +12,7 @@ query and every method's scores; a :class:`Target` is what a row is scored again
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from omnienc.benchmarks.fewshot_methods import truth_box
 from omnienc.benchmarks.fewshot_pairs import LabelledScan, Structure
 from omnienc.data.brats import SEQUENCES, BratsCase
 from omnienc.data.folder import check_not_constant
@@ -283,6 +285,19 @@ class Target:
     view: View
     truth: np.ndarray
     box: tuple[slice, ...]
+
+    @classmethod
+    def of(cls, row: Row, view: View, st: Structure, window: Sequence[int]) -> Target:
+        """The truth of a row on its query view, and the box outside which predictions are far.
+
+        *Far* is more than half a window (``window`` voxels of the encoder grid, in mm) outside
+        the truth's box.
+        """
+        scan = view.scan
+        truth = view.truth(st)
+        window_mm = np.asarray(window) * np.linalg.norm(scan.pre_affine[:3, :3], axis=0)
+        margin = 0.5 * window_mm / np.asarray(scan.image.spacing)
+        return cls(row, view, truth, truth_box(truth, margin))
 
 
 @dataclass
