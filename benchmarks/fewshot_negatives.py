@@ -6,8 +6,8 @@ looks like the support's structure (``fewshot_localise``: the wrong place, not t
 threshold). Here the support also says what the structure is *not*: the head runs once more per
 *negative* task drawn from the same support, on the same reference crop, and a voxel stays in
 the mask only where the structure's probability beats every negative's (strictly: where both
-saturate near 1, float rounding decides, so a change of summation order moves a few voxels). No
-labels beyond the support's mask are used, so these are few-shot methods:
+saturate near 1, float rounding decides; another torch thread count moved one FLAIR query by
+0.03). No labels beyond the support's mask are used, so these are few-shot methods:
 
 * ``head``: ``p > 0.5``, the benchmark's method;
 * ``head_vs_proposals``: negatives are the support's class-agnostic mask proposals (the
