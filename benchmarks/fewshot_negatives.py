@@ -16,8 +16,9 @@ saturate near 1, float rounding decides; another torch thread count moved one FL
   their voxels with the structure and of the structure's voxels with them, and hold at least
   :data:`MIN_IN_CROP` voxels in the reference crop: the first :data:`NEGATIVES` in the
   generator's order, the kind of task the head was pretrained on;
-* ``head_vs_ring``: one negative, the body within :data:`RING_MM` of the structure and outside
-  it (the tissue a support's mask borders);
+* ``head_vs_ring``: one negative, the body within :data:`RING_MM` of the structure along each
+  axis (a box dilation, so up to ``sqrt(3)`` times that at the corners) and outside it: the
+  tissue a support's mask borders;
 * ``head_vs_both``: every negative of the two.
 
 The rule and its constants were fixed before the module was run on the suite's encoders; every

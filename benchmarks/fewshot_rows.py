@@ -272,10 +272,9 @@ class FewshotRun:
         mid = time.perf_counter()
         for key in dict.fromkeys(r.query for r in self._cross):
             self._query_pass(self.prepared[key], [r for r in self._cross if r.query == key])
-        self.stage_seconds = {
-            "supports, identity and intra-scan": round(mid - start, 1),
-            "cross-scan queries": round(time.perf_counter() - mid, 1),
-        }
+        first = "supports" if self.cross_only else "supports, identity and intra-scan"
+        self.stage_seconds = {first: round(mid - start, 1)}
+        self.stage_seconds["cross-scan queries"] = round(time.perf_counter() - mid, 1)
 
     def _cut(self, scan: PreparedScan, st: Structure) -> Cut | None:
         """The intra-scan halves of a structure, or ``None`` when a half holds too little."""

@@ -69,6 +69,7 @@ class ViewConfig(JsonConfig):
     ``flip`` and ``rot90`` make the head match a structure whatever the query's orientation,
     which also makes mirror images (a left and a right kidney) alike; every volume is read in
     RAS order, so at inference the query is never turned. Set both to 0 to keep orientation.
+    A view with probability 0 is off, and its range is not checked.
     """
 
     ref_scale: tuple[float, float] = (0.5, 0.1)
@@ -82,29 +83,24 @@ class ViewConfig(JsonConfig):
     smooth: tuple[float, float, float] = (0.2, 0.5, 1.0)
 
     def __post_init__(self) -> None:
-        pairs = {"ref_scale": self.ref_scale, "ref_shift": self.ref_shift}
-        pairs |= {"scale": self.scale, "shift": self.shift, "noise": self.noise}
-        triples = {"gamma": self.gamma, "smooth": self.smooth}
-        for name, value, n in [
-            *((k, v, 2) for k, v in pairs.items()),
-            *((k, v, 3) for k, v in triples.items()),
-        ]:
-            if len(value) != n:
-                raise ValueError(f"view {name} takes {n} numbers (p, ...), got {list(value)}")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        for name, p in [
-            ("flip", self.flip),
-            ("rot90", self.rot90),
-            *((k, v[0]) for k, v in {**pairs, **triples}.items()),
-        ]:
-            if not 0.0 <= float(p) <= 1.0:
-                raise ValueError(f"view {name}: probability must be in [0, 1], got {p}")
-        for name, (_, lo, hi) in triples.items():
-            if not 0.0 < lo <= hi:
-                raise ValueError(f"view {name}: needs 0 < low <= high, got ({lo}, {hi})")
-        for name, (_, f) in pairs.items():
-            if f < 0:
-                raise ValueError(f"view {name}: the range must be >= 0, got {f}")
+        sizes = {"ref_scale": 2, "ref_shift": 2, "scale": 2, "shift": 2, "noise": 2}
+        sizes |= {"gamma": 3, "smooth": 3, "flip": 0, "rot90": 0}
+        for name, n in sizes.items():
+            value = getattr(self, name)
+            try:
+                numbers = (float(value),) if n == 0 else tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                numbers = ()
+            if len(numbers) != max(n, 1) or not all(math.isfinite(v) for v in numbers):
+                what = "a number" if n == 0 else f"{n} finite numbers (p, ...)"
+                raise ValueError(f"view {name} takes {what}, got {value!r}")
+            if not 0.0 <= numbers[0] <= 1.0:
+                raise ValueError(f"view {name}: probability must be in [0, 1], got {numbers[0]}")
+            if n == 2 and numbers[1] < 0:
+                raise ValueError(f"view {name}: the range must be >= 0, got {numbers[1]}")
+            if n == 3 and numbers[0] > 0 and not 0.0 < numbers[1] <= numbers[2]:
+                raise ValueError(f"view {name}: needs 0 < low <= high, got {numbers[1:]}")
+            object.__setattr__(self, name, numbers[0] if n == 0 else numbers)
 
     @property
     def smooth_radius(self) -> int:

@@ -182,20 +182,41 @@ def test_view_config_reaches_the_views(tiny_root: Path, tmp_path_factory, augmen
     assert moved > 0  # the default view does flip or turn some queries
 
 
+def test_the_view_config_sets_the_smoothing_kernel_on_both_paths(tiny_root: Path, tmp_path_factory):
+    """The views' config reaches ``augment_views`` in the loader and after the transfer."""
+    cache = tmp_path_factory.getbasetemp() / "corpus-cache"
+    wide = ViewConfig(smooth=(1.0, 1.5, 2.0))  # every query smoothed; kernel radius 8, not 4
+    raw = _module(tiny_root, "device", cache, view=wide)
+    raw.set_step(0)
+    drawn = next(iter(raw.train_dataloader()))
+    expected = augment_views(drawn, wide)["query_image"]
+    assert not torch.allclose(expected, augment_views(drawn)["query_image"], atol=1e-5)
+    for augment_on in ("cpu", "device"):
+        dm = _module(tiny_root, augment_on, cache, view=wide)
+        dm.set_step(0)
+        out = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+        torch.testing.assert_close(out["query_image"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_view_config_is_checked():
     with pytest.raises(ValueError, match="flip: probability must be in"):
         ViewConfig(flip=1.5)
-    with pytest.raises(ValueError, match="gamma takes 3 numbers"):
+    with pytest.raises(ValueError, match="gamma takes 3 finite numbers"):
         ViewConfig(gamma=(0.5, 1.0))
+    with pytest.raises(ValueError, match="gamma takes 3 finite numbers"):
+        ViewConfig(gamma=0.5)
+    with pytest.raises(ValueError, match="scale takes 2 finite numbers"):
+        ViewConfig(scale=(0.8, float("nan")))
+    with pytest.raises(ValueError, match="flip takes a number"):
+        ViewConfig(flip="often")
     with pytest.raises(ValueError, match="smooth: needs 0 < low <= high"):
         ViewConfig(smooth=(0.2, 1.0, 0.5))
     with pytest.raises(ValueError, match="noise: the range must be >= 0"):
         ViewConfig(noise=(0.3, -0.1))
-    assert ViewConfig.from_dict(ViewConfig(gamma=(0.5, 0.5, 2.0)).to_dict()).gamma == (
-        0.5,
-        0.5,
-        2.0,
-    )
+    again = ViewConfig.from_dict(ViewConfig(gamma=(0.5, 0.5, 2.0)).to_dict())
+    assert again.gamma == (0.5, 0.5, 2.0)
+    off = ViewConfig(smooth=(0, 0, 0), gamma=(0, 0, 0), flip="0.5")
+    assert off.smooth == (0.0, 0.0, 0.0) and off.flip == 0.5  # p = 0: off, range unchecked
 
 
 def test_hash_noise_is_standard_normal_and_seeded():
