@@ -17,7 +17,8 @@ device generator, so it is the same on the CPU and on a GPU. MONAI's random tran
 time, which is why the views are written here; their parameter ranges are MONAI's.
 
 The strong view: a flip along each axis and a 90-degree rotation in the axial plane (only when
-that plane is square, so the crop shape never changes), applied to the image and the task masks
+that plane is square, so the crop shape never changes), then optionally a random affine map
+(rotation, scale and shear, interpolated: off by default), applied to the image and the task masks
 alike; then, on the image only, intensity scale ``x * (1 + f)``, shift ``x + o``, gamma contrast
 (MONAI's ``AdjustContrast``), Gaussian noise and Gaussian smoothing. The weak view: intensity
 scale and shift only; its masks are untouched.
@@ -47,6 +48,7 @@ PARAM_KEYS = (
     "aug_noise_std",
     "aug_noise_seed",
     "aug_sigma",
+    "aug_affine",
 )
 _M32 = 0xFFFFFFFF
 
@@ -65,6 +67,14 @@ class ViewConfig(JsonConfig):
         gamma: ``(p, low, high)``: gamma contrast with ``gamma ~ U(low, high)``.
         noise: ``(p, s)``: Gaussian noise of standard deviation ``U(0, s)``.
         smooth: ``(p, low, high)``: Gaussian smoothing, ``sigma ~ U(low, high)`` per axis.
+        affine: ``(p, degrees, scale, shear)``: the query (image and masks) resampled through
+            a random affine map about the crop's centre: a rotation by ``U(-degrees, degrees)``
+            about each axis, a scale ``1 + U(-scale, scale)`` per axis and shears
+            ``U(-shear, shear)``, in the crop's normalised coordinates (rigid for a cubic
+            crop); trilinear for the image (edge values outside), masks cut at 0.5 (empty
+            outside). MASS's strong view is of this kind (30 degrees, 0.3, 0.1); unlike flips
+            and quarter turns it leaves no voxel where it was, so the head cannot find the
+            query's copy of the reference voxel for voxel.
 
     ``flip`` and ``rot90`` make the head match a structure whatever the query's orientation,
     which also makes mirror images (a left and a right kidney) alike; every volume is read in
@@ -81,10 +91,11 @@ class ViewConfig(JsonConfig):
     gamma: tuple[float, float, float] = (0.3, 0.7, 1.5)
     noise: tuple[float, float] = (0.3, 0.05)
     smooth: tuple[float, float, float] = (0.2, 0.5, 1.0)
+    affine: tuple[float, float, float, float] = (0.0, 30.0, 0.3, 0.1)
 
     def __post_init__(self) -> None:
         sizes = {"ref_scale": 2, "ref_shift": 2, "scale": 2, "shift": 2, "noise": 2}
-        sizes |= {"gamma": 3, "smooth": 3, "flip": 0, "rot90": 0}
+        sizes |= {"gamma": 3, "smooth": 3, "flip": 0, "rot90": 0, "affine": 4}
         for name, n in sizes.items():
             value = getattr(self, name)
             try:
@@ -96,8 +107,8 @@ class ViewConfig(JsonConfig):
                 raise ValueError(f"view {name} takes {what}, got {value!r}")
             if not 0.0 <= numbers[0] <= 1.0:
                 raise ValueError(f"view {name}: probability must be in [0, 1], got {numbers[0]}")
-            if n == 2 and numbers[1] < 0:
-                raise ValueError(f"view {name}: the range must be >= 0, got {numbers[1]}")
+            if n in (2, 4) and min(numbers[1:]) < 0:
+                raise ValueError(f"view {name}: the ranges must be >= 0, got {numbers[1:]}")
             if n == 3 and numbers[0] > 0 and not 0.0 < numbers[1] <= numbers[2]:
                 raise ValueError(f"view {name}: needs 0 < low <= high, got {numbers[1:]}")
             object.__setattr__(self, name, numbers[0] if n == 0 else numbers)
@@ -122,7 +133,8 @@ def draw_view_params(
         Arrays under :data:`PARAM_KEYS`: scalars ``aug_ref_scale``, ``aug_ref_shift``,
         ``aug_scale``, ``aug_shift``, ``aug_gamma`` (1: off), ``aug_noise_std`` (0: off)
         float32, ``aug_rot90`` (quarter turns, 0..3) and ``aug_noise_seed`` int64;
-        ``aug_flip`` ``(3,)`` bool; ``aug_sigma`` ``(3,)`` float32 (zeros: off).
+        ``aug_flip`` ``(3,)`` bool; ``aug_sigma`` ``(3,)`` float32 (zeros: off);
+        ``aug_affine`` ``(3, 3)`` float32 (identity: off).
     """
     c = config or ViewConfig()
     coin = rng.random(11)
@@ -133,6 +145,7 @@ def draw_view_params(
     std = rng.uniform(0.0, c.noise[1])
     seed = int(rng.integers(0, 2**32))
     sigma = rng.uniform(c.smooth[1], c.smooth[2], 3)
+    affine = _affine_matrix(rng, c.affine)  # drawn last: the draws above keep their values
     square = crop_size[0] == crop_size[1]
 
     def f32(value: float) -> np.ndarray:
@@ -149,7 +162,33 @@ def draw_view_params(
         "aug_noise_std": f32(std if coin[9] < c.noise[0] else 0.0),
         "aug_noise_seed": np.asarray(seed, dtype=np.int64),
         "aug_sigma": (sigma if coin[10] < c.smooth[0] else np.zeros(3)).astype(np.float32),
+        "aug_affine": affine,
     }
+
+
+def _affine_matrix(rng: np.random.Generator, spec: Sequence[float]) -> np.ndarray:
+    """A random ``(3, 3)`` float32 affine matrix (identity unless the ``p`` coin comes up).
+
+    Args:
+        rng: The sample's generator; six uniform draws and a coin, whatever comes out.
+        spec: ``(p, degrees, scale, shear)`` (:attr:`ViewConfig.affine`).
+    """
+    p, degrees, scale, shear = spec
+    coin = rng.random()
+    angles = np.deg2rad(rng.uniform(-degrees, degrees, 3))
+    scales = 1.0 + rng.uniform(-scale, scale, 3)
+    shears = rng.uniform(-shear, shear, 6)
+    if coin >= p:
+        return np.eye(3, dtype=np.float32)
+    out = np.diag(scales)
+    for axis, a in enumerate(angles):
+        i, j = [k for k in range(3) if k != axis]
+        turn = np.eye(3)
+        turn[i, i] = turn[j, j] = np.cos(a)
+        turn[i, j], turn[j, i] = -np.sin(a), np.sin(a)
+        out = turn @ out
+    out[~np.eye(3, dtype=bool)] += shears
+    return out.astype(np.float32)
 
 
 def _mul32(x: torch.Tensor, a: int) -> torch.Tensor:
@@ -267,6 +306,15 @@ def augment_views(
             image[rows] = torch.rot90(image[rows], turns, dims=(2, 3))
             masks[rows] = torch.rot90(masks[rows], turns, dims=(2, 3))
 
+    eye = torch.eye(3, dtype=p["aug_affine"].dtype, device=image.device).reshape(1, 9)
+    rows = _where_rows((p["aug_affine"] != eye).any(dim=1))
+    if len(rows):
+        theta = torch.zeros(len(rows), 3, 4, dtype=image.dtype, device=image.device)
+        theta[:, :, :3] = p["aug_affine"][rows].to(image.dtype).reshape(-1, 3, 3)
+        grid = F.affine_grid(theta, list(image[rows].shape), align_corners=False)
+        image[rows] = F.grid_sample(image[rows], grid, padding_mode="border", align_corners=False)
+        moved = F.grid_sample(masks[rows].to(image.dtype), grid, align_corners=False)
+        masks[rows] = (moved > 0.5).to(masks.dtype)
     image = image * col("aug_scale", image) + col("aug_shift", image)
     rows = _where_rows(p["aug_gamma"] != 1.0)
     if len(rows):

@@ -211,7 +211,7 @@ def test_view_config_is_checked():
         ViewConfig(flip="often")
     with pytest.raises(ValueError, match="smooth: needs 0 < low <= high"):
         ViewConfig(smooth=(0.2, 1.0, 0.5))
-    with pytest.raises(ValueError, match="noise: the range must be >= 0"):
+    with pytest.raises(ValueError, match="noise: the ranges must be >= 0"):
         ViewConfig(noise=(0.3, -0.1))
     again = ViewConfig.from_dict(ViewConfig(gamma=(0.5, 0.5, 2.0)).to_dict())
     assert again.gamma == (0.5, 0.5, 2.0)
