@@ -76,7 +76,7 @@ def test_an_identity_affine_changes_nothing():
 
 def test_the_affine_is_checked():
     with pytest.raises(ValueError, match="affine takes 4 finite numbers"):
-        ViewConfig(affine=(1.0, 30.0, 0.3))  # type: ignore[arg-type]
+        ViewConfig(affine=(1.0, 30.0, 0.3))
     with pytest.raises(ValueError, match="affine: the ranges must be >= 0"):
         ViewConfig(affine=(0.5, 30.0, -0.3, 0.1))
     assert ViewConfig().affine[0] == 0.0  # off by default: the default views are unchanged
