@@ -15,8 +15,51 @@ from pathlib import Path
 from typing import Any
 
 from omnienc.benchmarks.fewshot import SHIPPED_CHECKPOINT
+from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of
 from omnienc.benchmarks.report import write_report
 from omnienc.errors import OmniencError
+
+
+def refuse_random_init(encoder_spec: str) -> None:
+    """A diagnostic of the pretrained head refuses a ``random:`` spec (it has no head).
+
+    Raises:
+        ValueError: ``encoder_spec`` is a random-init encoder.
+    """
+    if encoder_spec.startswith("random:"):
+        raise ValueError(f"{encoder_spec}: a random-init encoder has no in-context head")
+
+
+def rows_by_cell(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each cell (:func:`~.fewshot_report.cells_of`), cells in table order."""
+    members: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        for cell in cells_of(row):
+            members.setdefault(cell, []).append(row)
+    return {c: members[c] for c in cell_order() if c in members}
+
+
+def paired_differences(
+    by_cell: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[str, str]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per cell, ``"a - b"``: the bootstrap mean of the rows' Dice differences (same queries)."""
+    return {
+        cell: {
+            f"{a} - {b}": bootstrap_mean([r["dice"][a] - r["dice"][b] for r in rows])
+            for a, b in pairs
+        }
+        for cell, rows in by_cell.items()
+    }
+
+
+def paired_table(paired: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The Markdown lines of :func:`paired_differences`' table (with its heading line)."""
+    names = list(next(iter(paired.values()), {}))
+    lines = ["", "Paired differences (same queries), mean [95% interval]:", ""]
+    lines += ["| cell | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for cell, diffs in paired.items():
+        lines.append(f"| {cell} | " + " | ".join(interval_text(diffs[n]) for n in diffs) + " |")
+    return lines
 
 
 def interval_text(s: dict[str, Any]) -> str:

@@ -44,9 +44,16 @@ import numpy as np
 from scipy import ndimage
 
 from omnienc.benchmarks.fewshot import run_fewshot
-from omnienc.benchmarks.fewshot_diagnostics import diagnostic_main, interval_text
+from omnienc.benchmarks.fewshot_diagnostics import (
+    diagnostic_main,
+    interval_text,
+    paired_differences,
+    paired_table,
+    refuse_random_init,
+    rows_by_cell,
+)
 from omnienc.benchmarks.fewshot_methods import _resample, within_mm
-from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of, summarize
+from omnienc.benchmarks.fewshot_report import bootstrap_mean, summarize
 from omnienc.benchmarks.fewshot_rows import FewshotRun
 from omnienc.benchmarks.fewshot_scans import Target
 
@@ -232,8 +239,7 @@ def run_localise(
         ValueError: The encoder has no in-context head (refused before any query runs).
         CheckpointError: The checkpoint is missing or unreadable.
     """
-    if encoder_spec.startswith("random:"):
-        raise ValueError(f"{encoder_spec}: a random-init encoder has no in-context head")
+    refuse_random_init(encoder_spec)
     payload = run_fewshot(
         encoder_spec,
         data_root,
@@ -247,11 +253,7 @@ def run_localise(
     rows = payload["rows"]  # cross-scan only (``cross_only``)
     payload["variants"] = list(VARIANTS)
     payload["summary"] = summarize(rows, VARIANTS)
-    by_cell: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        for cell in cells_of(row):
-            by_cell.setdefault(cell, []).append(row)
-    cells = [c for c in cell_order() if c in by_cell]
+    by_cell = rows_by_cell(rows)
     payload["auc"] = {
         c: bootstrap_mean(
             [
@@ -260,15 +262,9 @@ def run_localise(
                 if r["scores"]["head"]["auc"] is not None
             ]
         )
-        for c in cells
+        for c in by_cell
     }
-    payload["paired"] = {
-        c: {
-            f"{a} - {b}": bootstrap_mean([r["dice"][a] - r["dice"][b] for r in by_cell[c]])
-            for a, b in PAIRED
-        }
-        for c in cells
-    }
+    payload["paired"] = paired_differences(by_cell, PAIRED)
     return payload
 
 
@@ -300,11 +296,7 @@ def localise_markdown(payload: dict[str, Any]) -> str:
             + " | ".join(interval_text(stats[v]) for v in variants)
             + " |"
         )
-    pairs = [f"{a} - {b}" for a, b in PAIRED]
-    lines += ["", "Paired differences (same queries), mean [95% interval]:", ""]
-    lines += ["| cell | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
-    for cell, diffs in payload["paired"].items():
-        lines.append(f"| {cell} | " + " | ".join(interval_text(diffs[p]) for p in pairs) + " |")
+    lines += paired_table(payload["paired"])
     return "\n".join(lines) + "\n"
 
 

@@ -41,10 +41,17 @@ from scipy import ndimage
 
 from omnienc.adapters.segmentation import WindowFeatures
 from omnienc.benchmarks.fewshot import run_fewshot
-from omnienc.benchmarks.fewshot_diagnostics import diagnostic_main, interval_text
+from omnienc.benchmarks.fewshot_diagnostics import (
+    diagnostic_main,
+    interval_text,
+    paired_differences,
+    paired_table,
+    refuse_random_init,
+    rows_by_cell,
+)
 from omnienc.benchmarks.fewshot_methods import Reference
 from omnienc.benchmarks.fewshot_pairs import Structure
-from omnienc.benchmarks.fewshot_report import bootstrap_mean, cell_order, cells_of, summarize
+from omnienc.benchmarks.fewshot_report import summarize
 from omnienc.benchmarks.fewshot_rows import FewshotRun
 from omnienc.benchmarks.fewshot_scans import PreparedScan, Target, support_mask, whole
 from omnienc.pretext.masks import MaskConfig
@@ -188,8 +195,7 @@ def run_negatives(
         ValueError: The encoder has no in-context head (refused before any query runs).
         CheckpointError: The checkpoint is missing or unreadable.
     """
-    if encoder_spec.startswith("random:"):
-        raise ValueError(f"{encoder_spec}: a random-init encoder has no in-context head")
+    refuse_random_init(encoder_spec)
     payload = run_fewshot(
         encoder_spec,
         data_root,
@@ -209,16 +215,8 @@ def run_negatives(
         "ring_mm": RING_MM,
     }
     payload["summary"] = summarize(rows, VARIANTS)
-    cells = [c for c in cell_order() if any(c in cells_of(r) for r in rows)]
-    payload["paired"] = {
-        c: {
-            f"{v} - head": bootstrap_mean(
-                [r["dice"][v] - r["dice"]["head"] for r in rows if c in cells_of(r)]
-            )
-            for v in VARIANTS[1:]
-        }
-        for c in cells
-    }
+    pairs = [(v, "head") for v in VARIANTS[1:]]
+    payload["paired"] = paired_differences(rows_by_cell(rows), pairs)
     return payload
 
 
@@ -245,11 +243,7 @@ def negatives_markdown(payload: dict[str, Any]) -> str:
             + " | ".join(interval_text(stats[v]) for v in variants)
             + " |"
         )
-    pairs = [f"{v} - head" for v in variants[1:]]
-    lines += ["", "Paired differences (same queries), mean [95% interval]:", ""]
-    lines += ["| cell | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
-    for cell, diffs in payload["paired"].items():
-        lines.append(f"| {cell} | " + " | ".join(interval_text(diffs[p]) for p in pairs) + " |")
+    lines += paired_table(payload["paired"])
     return "\n".join(lines) + "\n"
 
 

@@ -230,6 +230,13 @@ def _write_crop(
 BOX = (slice(20, 80), slice(20, 80), slice(0, 30))
 
 
+def two_ct_crops(volumes: Path, tmp: Path) -> list[LabelledScan]:
+    """The tests' cross-scan pair: a crop of each CT (liver and stomach in both)."""
+    a = _write_crop(volumes, tmp, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
+    box = (slice(200, 320), slice(200, 320), slice(0, 20))
+    return [a, _write_crop(volumes, tmp, "b", box, source="ct_dicom")]
+
+
 def test_label_map_on_another_grid_is_an_error_naming_it(volumes: Path, tmp_path: Path):
     scan = _write_crop(volumes, tmp_path, "shifted", BOX, label_shift=6.0)
     with pytest.raises(DataError, match=r"shifted_seg\.nii\.gz.*affine differs"):
@@ -289,9 +296,7 @@ def test_halves_cut_the_structure_and_partition_the_native_grid(volumes: Path, t
 def tiny_data(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     """A data root holding a crop of each CT (liver, stomach), and their catalogue."""
     tmp = tmp_path_factory.mktemp("fewshot")
-    a = _write_crop(volumes, tmp, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
-    box = (slice(200, 320), slice(200, 320), slice(0, 20))
-    return tmp, [a, _write_crop(volumes, tmp, "b", box, source="ct_dicom")]
+    return tmp, two_ct_crops(volumes, tmp)
 
 
 @pytest.fixture(scope="module")

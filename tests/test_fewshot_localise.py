@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-from test_fewshot_bench import CHECKPOINT, _write_crop
+from test_fewshot_bench import CHECKPOINT, two_ct_crops
 
 from omnienc.benchmarks.fewshot_localise import (
     PAIRED,
@@ -85,14 +85,11 @@ def tiny_localise(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     if not CHECKPOINT.is_dir():
         pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
     tmp = tmp_path_factory.mktemp("localise")
-    a = _write_crop(volumes, tmp, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
-    b = _write_crop(
-        volumes, tmp, "b", (slice(200, 320), slice(200, 320), slice(0, 20)), source="ct_dicom"
-    )
+    catalogue = two_ct_crops(volumes, tmp)
     return run_localise(
         str(CHECKPOINT),
         tmp,
-        catalogue=[a, b],
+        catalogue=catalogue,
         min_voxels=200,
         registration=QUICK_REGISTRATION,
         progress=False,
@@ -130,8 +127,6 @@ def test_a_checkpoint_without_a_head_is_refused_before_any_query(volumes: Path, 
     config = json.loads((headless / "config.json").read_text())
     config["extra"] = {}
     (headless / "config.json").write_text(json.dumps(config))
-    a = _write_crop(volumes, tmp_path, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
-    box = (slice(200, 320), slice(200, 320), slice(0, 20))
-    b = _write_crop(volumes, tmp_path, "b", box, source="ct_dicom")
+    catalogue = two_ct_crops(volumes, tmp_path)
     with pytest.raises(ValueError, match="needs \\['head'"):
-        run_localise(str(headless), tmp_path, catalogue=[a, b], min_voxels=200, progress=False)
+        run_localise(str(headless), tmp_path, catalogue=catalogue, min_voxels=200, progress=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fewshot_bench import CHECKPOINT, _write_crop
+from test_fewshot_bench import CHECKPOINT, two_ct_crops
 
 from omnienc.benchmarks.fewshot_negatives import (
     MIN_IN_CROP,
@@ -62,11 +62,8 @@ def tiny_negatives(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     if not CHECKPOINT.is_dir():
         pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
     tmp = tmp_path_factory.mktemp("negatives")
-    a = _write_crop(volumes, tmp, "a", (slice(25, 65), slice(35, 75), slice(8, 28)))
-    b = _write_crop(
-        volumes, tmp, "b", (slice(200, 320), slice(200, 320), slice(0, 20)), source="ct_dicom"
-    )
-    return run_negatives(str(CHECKPOINT), tmp, catalogue=[a, b], min_voxels=200, progress=False)
+    catalogue = two_ct_crops(volumes, tmp)
+    return run_negatives(str(CHECKPOINT), tmp, catalogue=catalogue, min_voxels=200, progress=False)
 
 
 def test_tiny_run_scores_every_variant_on_cross_scan_queries(tiny_negatives: dict):
