@@ -27,6 +27,7 @@ from omnienc.optim import adamw_warmup_cosine, decay_groups
 from omnienc.pretext.augment import PARAM_KEYS
 from omnienc.pretext.contrastive import ContrastiveConfig, ContrastiveObjective
 from omnienc.pretext.incontext import HeadConfig, InContextHead, incontext_loss
+from omnienc.pretext.matching import MatchingConfig, prototype_matching_loss
 from omnienc.pretext.monai_ssl import (
     InpaintingObjective,
     MonaiSSLConfig,
@@ -72,6 +73,12 @@ class ModelConfig:
             ``inpaint_weight``. 0 (default) leaves it out.
         monai_ssl: Losses and corruptions of the ``monai_ssl`` recipe (and of
             ``inpaint_weight`` and ``monai_ssl_weight`` in the ``mass`` recipe).
+        matching_weight: Weight of the parameter-free prototype-matching loss on the encoder's
+            own features (:mod:`omnienc.pretext.matching`: PANet's foreground/background
+            prototypes from the reference, cosine-matched in the query) on the same pair,
+            tasks and encoder pass as the in-context head (``mass``). 0 (default) leaves it
+            out.
+        matching: Scales and similarity scale of the matching loss.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the cosine decay.
@@ -91,6 +98,8 @@ class ModelConfig:
     rotation_weight: float = 0.0
     monai_ssl_weight: float = 0.0
     monai_ssl: MonaiSSLConfig = field(default_factory=MonaiSSLConfig)
+    matching_weight: float = 0.0
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
@@ -106,6 +115,7 @@ class ModelConfig:
             self.inpaint_weight,
             self.rotation_weight,
             self.monai_ssl_weight,
+            self.matching_weight,
         )
         if min(weights) < 0:
             raise ValueError("loss weights must be >= 0")
@@ -115,6 +125,11 @@ class ModelConfig:
             raise ValueError(
                 "model.monai_ssl_weight already includes the inpainting loss: set "
                 "model.inpaint_weight to 0, or weigh inpainting by model.monai_ssl.inpaint_weight"
+            )
+        if self.recipe == "monai_ssl" and self.matching_weight > 0:
+            raise ValueError(
+                "model.matching_weight needs the pair's task masks, which the monai_ssl recipe "
+                "does not use: set model.recipe to mass"
             )
 
     @property
@@ -138,6 +153,8 @@ class ModelConfig:
             parts.append("inpaint")
         if self.rotation_weight > 0:
             parts.append("rotation")
+        if self.matching_weight > 0:
+            parts.append("matching")
         if self.monai_ssl_weight > 0:
             parts.append(peer)
         return "+".join(parts)
@@ -197,7 +214,7 @@ class PretrainModule(pl.LightningModule):
 
         Returns:
             ``loss`` (weighted sum) and its parts ``incontext``, ``dice``, ``contrastive``,
-            ``inpaint``, ``rotation``.
+            ``inpaint``, ``rotation``, ``matching`` (and ``matching_dice``, a readout).
         """
         ref, query = batch["ref_image"], batch["query_image"]
         seed = (self.seed * 1_000_003 + int(self.global_step)) * 1_009 + self.global_rank
@@ -222,6 +239,18 @@ class PretrainModule(pl.LightningModule):
             loss = loss + self.config.incontext_weight * ic["loss"]
             out["incontext"] = ic["loss"].detach()
             out["dice"] = ic["dice"]
+        if self.config.recipe == "mass" and self.config.matching_weight > 0:
+            match = prototype_matching_loss(
+                ref_feats,
+                ref_masks,
+                query_feats,
+                query_masks,
+                batch["task_valid"],
+                self.config.matching,
+            )
+            loss = loss + self.config.matching_weight * match["loss"]
+            out["matching"] = match["loss"].detach()
+            out["matching_dice"] = match["dice"]
         if self.rotation_head is not None:
             with torch.autocast(device_type=ref.device.type, enabled=False):
                 rot_logits = self.rotation_head(pooled.float())
