@@ -44,3 +44,13 @@ def test_mp_recipe_is_the_shipped_recipe_plus_the_peer_objective() -> None:
     assert same == shipped.model
     assert mp.data == shipped.data and mp.trainer == shipped.trainer
     assert mp.run_dir != shipped.run_dir
+
+
+def test_matching_recipe_is_the_mp_recipe_plus_the_matching_loss() -> None:
+    mp, _, _ = parse_config(["--config", str(CONFIGS / "cpu-30min-mp.yaml")])
+    match, _, _ = parse_config(["--config", str(CONFIGS / "cpu-30min-mp-match.yaml")])
+    assert match.model.matching_weight == 1.0 and mp.model.matching_weight == 0.0
+    assert match.model.method == mp.model.method.replace("ntxent+", "ntxent+matching+")
+    assert dataclasses.replace(match.model, matching_weight=0.0) == mp.model
+    assert match.data == mp.data and match.trainer == mp.trainer
+    assert match.seed == mp.seed and match.run_dir != mp.run_dir
