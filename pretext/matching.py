@@ -19,8 +19,12 @@ its learned parts, at every chosen scale of the encoder:
 
 A structure absent from the query (an empty target) is learned as "background everywhere". A
 task whose mask fills (or misses) the reference crop at a scale has no background (foreground)
-prototype there and counts nowhere at that scale. It has no parameters, so it adds nothing to
-the checkpoint; it costs a few matrix products per scale.
+prototype there and is left out of that scale's mean. The loss is the plain mean over the chosen
+scales, so a scale where no task counts (on 32^3 crops the deepest grid is 2^3 cells, and a small
+task covers less than half a cell of it) adds a zero and weighs the other scales down for that
+batch; the committed runs (``benchmarks/results/pretrain.md``, findings 42-44) used this mean. It
+has no parameters, so it adds nothing to the checkpoint; it costs a few matrix products per
+scale.
 """
 
 from __future__ import annotations
@@ -58,7 +62,12 @@ class MatchingConfig(JsonConfig):
 
 
 def _pool(feat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked average pooling: ``(B, C, l)`` features, ``(B, T, l)`` weights -> ``(B, T, C)``."""
+    """Masked average pooling of ``(B, C, l)`` features under ``(B, T, l)`` weights.
+
+    Returns:
+        The pooled ``(B, T, C)`` prototypes and the ``(B, T)`` weight mass under each (an empty
+        weight pools to zeros).
+    """
     mass = weight.sum(-1)  # (B, T)
     pooled = torch.einsum("btl,bcl->btc", weight, feat) / mass.clamp_min(1e-6)[..., None]
     return pooled, mass
@@ -87,12 +96,13 @@ def prototype_matching_loss(
 
     Returns:
         ``{"loss": scalar with a graph, "dice": mean soft Dice of the finest matched scale's
-        probabilities against its targets over tasks with a non-empty target (detached; a
-        readout, not a loss)}``. With no task that counts, ``loss`` is a zero with a graph.
+        probabilities against its targets, over the tasks that count there and have a
+        non-empty target (detached; a readout, not a loss; 0 when there is no such task)}``.
+        With no task that counts, ``loss`` is a zero with a graph.
 
     Raises:
-        ValueError: The feature lists or the mask shapes disagree, or ``config.scales`` exceeds
-            the number of scales.
+        ValueError: The feature lists, a reference map and its query map, or the mask shapes
+            disagree, or ``config.scales`` exceeds the number of scales.
     """
     config = config or MatchingConfig()
     n = len(ref_feats)
@@ -103,6 +113,12 @@ def prototype_matching_loss(
             f"ref_masks {tuple(ref_masks.shape)}, query_masks {tuple(query_masks.shape)} and "
             f"valid {tuple(valid.shape)} must be (B, T, D, H, W), (B, T, D, H, W) and (B, T)"
         )
+    for level, (f_ref, f_query) in enumerate(zip(ref_feats, query_feats, strict=True)):
+        if f_ref.shape != f_query.shape:
+            raise ValueError(
+                f"scale {level}: reference map {tuple(f_ref.shape)} and query map "
+                f"{tuple(f_query.shape)} must have one shape"
+            )
     if config.scales > n:
         raise ValueError(f"MatchingConfig.scales={config.scales} exceeds the encoder's {n} scales")
     levels = range(n - config.scales if config.scales else 0, n)

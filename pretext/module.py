@@ -239,7 +239,7 @@ class PretrainModule(pl.LightningModule):
             loss = loss + self.config.incontext_weight * ic["loss"]
             out["incontext"] = ic["loss"].detach()
             out["dice"] = ic["dice"]
-        if self.config.recipe == "mass" and self.config.matching_weight > 0:
+        if self.config.matching_weight > 0:
             match = prototype_matching_loss(
                 ref_feats,
                 ref_masks,

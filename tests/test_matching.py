@@ -26,7 +26,8 @@ def pair(volumes: Path) -> dict[str, torch.Tensor]:
     x = (torch.from_numpy(ct).float().clamp(-200, 300) + 200) / 500  # (122, 101, 30)
     labels = torch.from_numpy(seg).long()
     masks = torch.stack([labels == 5, labels == 2]).float()  # liver, right kidney
-    # Both organs lie around x = 81; z (30 slices) is padded to 40 by edge replication.
+    # Both organs lie around x = 81; z (30 slices) is padded to 40: the image by edge
+    # replication, the masks with zeros (the padded slices are outside every label).
     x = F.pad(x[None, None], (5, 5, 0, 0, 0, 0), mode="replicate")[0]
     masks = F.pad(masks[None], (5, 5, 0, 0, 0, 0))[0]
     cx, cy = 81, 46
@@ -120,6 +121,8 @@ def test_scales_picks_the_deepest_maps(pair):
     assert deepest["loss"] < 0.5 * both["loss"]
     with pytest.raises(ValueError, match="exceeds the encoder's 2 scales"):
         prototype_matching_loss(ref, *args, good, *rest, MatchingConfig(scales=3))
+    with pytest.raises(ValueError, match="must have one shape"):
+        prototype_matching_loss(ref, *args, [good[1], good[1]], *rest)
     with pytest.raises(ValueError, match="one query map per reference map"):
         prototype_matching_loss(ref, *args, good[:1], *rest)
     with pytest.raises(ValueError, match="must be"):
@@ -159,6 +162,32 @@ def test_the_mass_recipe_adds_the_weighted_loss(pair):
     assert 0 <= out["matching_dice"] <= 1
     out["loss"].backward()
     assert all(p.grad is not None for p in module.encoder.parameters() if p.requires_grad)
+    # The loss alone trains every encoder parameter, with padding and crop-filling tasks in
+    # the batch (as real batches have), and its gradients are finite.
+    alone_module = PretrainModule(
+        ModelConfig(
+            encoder="resconv_tiny", incontext_weight=0, contrastive_weight=0, matching_weight=1
+        ),
+        (32, 32, 32),
+    )
+    padded = dict(batch)
+    full = torch.ones_like(batch["ref_masks"][:, :1])
+    padded["ref_masks"] = torch.cat([batch["ref_masks"], full, 0 * full], dim=1)
+    padded["query_masks"] = torch.cat([batch["query_masks"], full, 0 * full], dim=1)
+    padded["task_valid"] = torch.cat(
+        [
+            batch["task_valid"],
+            torch.ones(2, 1, dtype=torch.bool),
+            torch.zeros(2, 1, dtype=torch.bool),
+        ],
+        dim=1,
+    )
+    only = alone_module.forward_pair(padded)
+    assert set(only) == {"loss", "matching", "matching_dice"}
+    only["loss"].backward()
+    grads = [p.grad for p in alone_module.encoder.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     plain = PretrainModule(ModelConfig(encoder="resconv_tiny"), (32, 32, 32))
     assert "matching" not in plain.forward_pair(batch)
     with pytest.raises(ValueError, match=r"set model\.recipe to mass"):
