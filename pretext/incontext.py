@@ -100,6 +100,17 @@ class HeadConfig(JsonConfig):
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
 
+def masked_average(feat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling of ``(B, C, l)`` features under ``(B, T, l)`` weights in [0, 1].
+
+    Returns:
+        The pooled ``(B, T, C)`` vectors and the ``(B, T)`` weight mass under each (an empty
+        weight pools to zeros, never NaN).
+    """
+    mass = weight.sum(-1)
+    return torch.einsum("btl,bcl->btc", weight, feat) / mass.clamp_min(1e-6)[..., None], mass
+
+
 class InContextHead(nn.Module):
     """MASS's in-context segmentation head over any omnienc encoder's intermediates.
 
@@ -199,8 +210,7 @@ class InContextHead(nn.Module):
             d, h, w = ref_feats[level].shape[2:]
             feat = proj(ref_feats[level]).flatten(2)  # (B, dim, l)
             weight = F.adaptive_avg_pool3d(masks, (d, h, w)).flatten(2)  # (B, T, l)
-            pooled = torch.einsum("btl,bcl->btc", weight, feat)
-            pooled = pooled / weight.sum(-1, keepdim=True).clamp_min(1e-6)
+            pooled, _ = masked_average(feat, weight)
             tokens.append(self.token_norm(pooled) + self.token_level_embed[j])
         learned = self.learned_tokens.expand(b, t, -1, -1)
         return torch.cat([torch.stack(tokens, dim=2), learned.to(tokens[0].dtype)], dim=2)

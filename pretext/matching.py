@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from omnienc.config import JsonConfig
+from omnienc.pretext.incontext import DICE_SMOOTH, masked_average
 
 MIN_POOL = 0.5
 """Least pooled mask weight, in cells of a scale, for a prototype to count (half a cell)."""
@@ -59,18 +60,6 @@ class MatchingConfig(JsonConfig):
             raise ValueError(f"scales must be >= 0 (0 = all), got {self.scales}")
         if not self.scale > 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
-
-
-def _pool(feat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked average pooling of ``(B, C, l)`` features under ``(B, T, l)`` weights.
-
-    Returns:
-        The pooled ``(B, T, C)`` prototypes and the ``(B, T)`` weight mass under each (an empty
-        weight pools to zeros).
-    """
-    mass = weight.sum(-1)  # (B, T)
-    pooled = torch.einsum("btl,bcl->btc", weight, feat) / mass.clamp_min(1e-6)[..., None]
-    return pooled, mass
 
 
 def prototype_matching_loss(
@@ -132,8 +121,8 @@ def prototype_matching_loss(
             d, h, w = (int(s) for s in f_ref.shape[2:])
             fg_w = F.adaptive_avg_pool3d(ref_m, (d, h, w)).flatten(2)  # (B, T, l)
             y = F.adaptive_avg_pool3d(query_m, (d, h, w)).flatten(2)
-            fg, fg_mass = _pool(f_ref.flatten(2), fg_w)
-            bg, bg_mass = _pool(f_ref.flatten(2), 1.0 - fg_w)
+            fg, fg_mass = masked_average(f_ref.flatten(2), fg_w)
+            bg, bg_mass = masked_average(f_ref.flatten(2), 1.0 - fg_w)
             counts = ok & (fg_mass >= MIN_POOL) & (bg_mass >= MIN_POOL)  # (B, T)
             q = F.normalize(f_query.flatten(2), dim=1)  # (B, C, l)
             sim_fg = torch.einsum("btc,bcl->btl", F.normalize(fg, dim=-1), q)
@@ -144,7 +133,7 @@ def prototype_matching_loss(
             losses.append((bce * weight).sum() / weight.sum().clamp_min(1.0))
             if level == levels[0]:
                 p = torch.sigmoid(logits.detach())
-                soft = (2 * (p * y).sum(-1) + 1e-5) / (p.sum(-1) + y.sum(-1) + 1e-5)
+                soft = (2 * (p * y).sum(-1) + DICE_SMOOTH) / (p.sum(-1) + y.sum(-1) + DICE_SMOOTH)
                 has = weight * (y.sum(-1) > 0).float()
                 dice = (soft * has).sum() / has.sum().clamp_min(1.0)
         loss = torch.stack(losses).mean()
