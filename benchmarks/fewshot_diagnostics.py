@@ -62,6 +62,21 @@ def paired_table(paired: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def variant_table(cells: dict[str, dict[str, Any]], variants: Sequence[str]) -> list[str]:
+    """The Markdown lines of a summary's Dice per cell and variant (queries: the first's ``n``).
+
+    Args:
+        cells: ``payload["summary"]["cells"]``: per cell, each variant's bootstrap mean.
+        variants: The columns, in order.
+    """
+    lines = ["| cell | queries | " + " | ".join(variants) + " |"]
+    lines.append("|---|---:|" + "---|" * len(variants))
+    for cell, stats in cells.items():
+        texts = " | ".join(interval_text(stats[v]) for v in variants)
+        lines.append(f"| {cell} | {stats[variants[0]]['n']} | {texts} |")
+    return lines
+
+
 def interval_text(s: dict[str, Any]) -> str:
     """``mean [lo, hi]`` of a bootstrap mean, or ``–`` when it has no value."""
     return "–" if s["mean"] is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]"

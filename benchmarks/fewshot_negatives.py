@@ -43,11 +43,11 @@ from omnienc.adapters.segmentation import WindowFeatures
 from omnienc.benchmarks.fewshot import run_fewshot
 from omnienc.benchmarks.fewshot_diagnostics import (
     diagnostic_main,
-    interval_text,
     paired_differences,
     paired_table,
     refuse_random_init,
     rows_by_cell,
+    variant_table,
 )
 from omnienc.benchmarks.fewshot_methods import Reference
 from omnienc.benchmarks.fewshot_pairs import Structure
@@ -234,15 +234,8 @@ def negatives_markdown(payload: dict[str, Any]) -> str:
         "Mean Dice per cell, bootstrap 95% interval over queries (variants: the module's "
         "docstring, `omnienc.benchmarks.fewshot_negatives`):",
         "",
-        "| cell | queries | " + " | ".join(variants) + " |",
-        "|---|---:|" + "---|" * len(variants),
     ]
-    for cell, stats in cells.items():
-        lines.append(
-            f"| {cell} | {stats['head']['n']} | "
-            + " | ".join(interval_text(stats[v]) for v in variants)
-            + " |"
-        )
+    lines += variant_table(cells, variants)
     lines += paired_table(payload["paired"])
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ pretext's :func:`~omnienc.pretext.segment.segment_fewshot`) cuts the reference c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,6 +99,34 @@ class WindowFeatures:
             )
         assert isinstance(out, torch.Tensor)
         return out.as_subclass(torch.Tensor)[0].float().cpu().numpy()
+
+    def padding(self) -> tuple[int, ...]:
+        """The sweep's padding of a volume smaller than a window, in ``F.pad`` order.
+
+        MONAI pads such a volume symmetrically (the extra voxel after) before cutting windows,
+        so window boxes are coordinates of the padded volume.
+
+        Returns:
+            ``(z_before, z_after, y_before, y_after, x_before, x_after)``.
+        """
+        pad: list[int] = []
+        for axis in (2, 1, 0):
+            diff = max(self.roi_size[axis] - int(self._image.shape[2 + axis]), 0)
+            pad += [diff // 2, diff - diff // 2]
+        return tuple(pad)
+
+    def per_window(self) -> Iterator[tuple[tuple[slice, slice, slice], list[torch.Tensor]]]:
+        """Every window's box and intermediates, in the sweep's order.
+
+        Yields:
+            The window's ``(slice, slice, slice)`` box on the volume padded by
+            :meth:`padding`, and its ``forward_intermediates``: ``(1, C_i, d_i, h_i, w_i)``
+            per scale.
+        """
+        for key, feats in self._feats.items():
+            for i, c in enumerate(key):  # the batch's and channel's slices come first
+                box = (slice(c[4], c[5]), slice(c[6], c[7]), slice(c[8], c[9]))
+                yield box, [f[i : i + 1] for f in feats]
 
     def blend(self, fn: WindowFn) -> np.ndarray:
         """Blend ``fn``'s per-window maps over the volume.
