@@ -61,8 +61,9 @@ K = 10
 """Support tokens each query token takes its labels from."""
 TEMPERATURE = 0.07
 """Softmax temperature over the K cosine similarities (DINO's label propagation uses 0.07)."""
-CHUNK = 2048
-"""Query tokens per similarity matrix (bounds its memory to CHUNK x bank tokens)."""
+CHUNK = 512
+"""Query tokens per similarity matrix: its memory is CHUNK x bank tokens x 4 bytes (a whole CT's
+bank, window overlaps included, holds up to about 250,000 tokens: 0.5 GB)."""
 BASELINES = ("prototype", "prototype_random", "intensity", "registration")
 """The benchmark's methods run beside the transfer, on the same queries."""
 VARIANTS = ("knn", "knn_random", *BASELINES)
@@ -187,10 +188,28 @@ class KnnRun(FewshotRun):
         self._windows = super()._encode(image)
         return self._windows
 
+    def _windows_of(self, scan: PreparedScan) -> dict[str, WindowFeatures]:
+        """The windows the pass just encoded, checked to be the whole scan's."""
+        shape = tuple(scan.pre_image.shape)
+        for role, windows in self._windows.items():
+            if windows.shape != shape:  # another view was encoded last (intra-scan rows)
+                raise RuntimeError(f"{role} windows cover {windows.shape}, not {shape}")
+        return self._windows
+
+    def seconds_per_query(self) -> dict[str, float]:
+        """:meth:`FewshotRun.seconds_per_query` and the transfer's (banks and matching; the
+        encoding is booked to the prototype matcher, which shares it)."""
+        out = super().seconds_per_query()
+        for role in self._roles:
+            method = _name(role)
+            n = sum(method in r.scores for r in self._cross)
+            out[method] = round(self._seconds[method] / n, 3) if n else 0.0
+        return out
+
     def _support_pass(self, scan: PreparedScan, structures: list[Structure]) -> None:
         super()._support_pass(scan, structures)
         masks = [support_mask(whole(scan), st) for st in structures]
-        for role, windows in self._windows.items():
+        for role, windows in self._windows_of(scan).items():
             with self._clock(_name(role)):
                 bank = support_bank(windows, masks, [st.name for st in structures])
             self._banks[(role, scan.scan.key)] = bank
@@ -198,7 +217,7 @@ class KnnRun(FewshotRun):
     def _query_pass(self, scan: PreparedScan, rows: list[Row]) -> None:
         super()._query_pass(scan, rows)
         view = whole(scan)
-        for role, windows in self._windows.items():
+        for role, windows in self._windows_of(scan).items():
             method = _name(role)
             with self._clock(method):
                 maps = {

@@ -74,7 +74,7 @@ def test_the_padding_of_a_small_volume_matches_monais_windows(ct_crop):
     image, _ = ct_crop  # 24 slices under a 32-voxel window: padded 4 before and 4 after
     enc = random_encoder("resconv_tiny", 0).eval()
     windows = WindowFeatures(enc, image, (32, 32, 32), overlap=0.25)
-    assert windows.padding() == (4, 4, 0, 0, 0, 0)
+    assert windows.padding() == (4, 4, 0, 0, 0, 0) and windows.shape == image.shape
     boxes = [box for box, _ in windows.per_window()]
     assert len(boxes) == windows.windows
     for box in boxes:
@@ -106,6 +106,7 @@ def test_tiny_run_scores_the_transfer_beside_the_baselines(tiny_knn: dict):
         assert set(row["dice"]) == set(p["variants"]), row["structure"]
         assert all(0.0 <= d <= 1.0 for d in row["dice"].values())
     assert p["constants"]["k"] == K
+    assert p["seconds_per_query"]["knn"] > 0 and p["seconds_per_query"]["knn_random"] > 0
     assert set(p["paired"]["CT"]) == {f"knn - {v}" for v in p["variants"][1:]}
     text = knn_markdown({**p, "command": "python -m omnienc.benchmarks.fewshot_knn"})
     assert "| CT |" in text and "knn_random" in text

@@ -52,6 +52,7 @@ class WindowFeatures:
 
     Attributes:
         windows: Number of windows.
+        shape: ``(X, Y, Z)`` of the volume.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class WindowFeatures:
         self.overlap = float(overlap)
         self.batch_size = int(batch_size)
         self._image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        self.shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
         self._cval = float(image.min())
         self._device = _device(encoder)
         self._feats: dict[tuple[tuple[int | None, ...], ...], list[torch.Tensor]] = {}
