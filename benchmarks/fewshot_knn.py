@@ -262,8 +262,8 @@ def run_knn(
     if encoder_spec.startswith("random:"):
         raise ValueError(f"{encoder_spec}: give a checkpoint; its random-init floor runs too")
     methods = list(kw.pop("methods", BASELINES))
-    if not {"prototype", "prototype_random"} <= set(methods):
-        methods += [m for m in ("prototype", "prototype_random") if m not in methods]
+    # The transfer reads the windows of both encoders, which these two methods encode.
+    methods += [m for m in ("prototype", "prototype_random") if m not in methods]
     payload = run_fewshot(
         encoder_spec,
         data_root,

@@ -52,7 +52,6 @@ class WindowFeatures:
 
     Attributes:
         windows: Number of windows.
-        shape: ``(X, Y, Z)`` of the volume.
     """
 
     def __init__(
@@ -69,7 +68,6 @@ class WindowFeatures:
         self.overlap = float(overlap)
         self.batch_size = int(batch_size)
         self._image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        self.shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
         self._cval = float(image.min())
         self._device = _device(encoder)
         self._feats: dict[tuple[tuple[int | None, ...], ...], list[torch.Tensor]] = {}
@@ -102,6 +100,12 @@ class WindowFeatures:
         assert isinstance(out, torch.Tensor)
         return out.as_subclass(torch.Tensor)[0].float().cpu().numpy()
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)`` of the volume."""
+        x, y, z = (int(n) for n in self._image.shape[2:])
+        return (x, y, z)
+
     def padding(self) -> tuple[int, ...]:
         """The sweep's padding of a volume smaller than a window, in ``F.pad`` order.
 
@@ -113,7 +117,7 @@ class WindowFeatures:
         """
         pad: list[int] = []
         for axis in (2, 1, 0):
-            diff = max(self.roi_size[axis] - int(self._image.shape[2 + axis]), 0)
+            diff = max(self.roi_size[axis] - self.shape[axis], 0)
             pad += [diff // 2, diff - diff // 2]
         return tuple(pad)
 
