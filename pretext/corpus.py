@@ -153,7 +153,7 @@ def _map_npy(path: str | Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _matches(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+def sidecar_matches(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     """Whether ``path`` is a complete ``.npy`` of ``shape`` and ``dtype`` (checked by mapping)."""
     if not path.exists():
         return False
@@ -169,7 +169,8 @@ def _matches(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     return ok
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to the ``.npy`` ``path`` atomically (a reader never sees half of it)."""
     with atomic_target(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
 
@@ -189,7 +190,7 @@ def image_sidecar(cache_file: str | Path, shape: tuple[int, int, int]) -> Path:
     """
     npz = Path(cache_file)
     path = npz.with_suffix(IMAGE_SIDECAR)
-    if _matches(path, (1, *shape), np.dtype(np.float32)):
+    if sidecar_matches(path, (1, *shape), np.dtype(np.float32)):
         return path
     try:
         with np.load(npz, allow_pickle=False) as z:
@@ -198,7 +199,7 @@ def image_sidecar(cache_file: str | Path, shape: tuple[int, int, int]) -> Path:
         raise DataError(npz, f"cannot read the preprocessed volume ({exc})") from None
     if image.shape != (1, *shape):
         raise DataError(npz, f"cached image {image.shape} differs from its manifest {shape}")
-    _save_npy_atomic(path, image)
+    save_npy_atomic(path, image)
     return path
 
 
@@ -224,12 +225,12 @@ def mask_sidecar(mask_file: str | Path, shape: tuple[int, int, int]) -> tuple[Pa
             logger.warning("damaged cache sidecar %s (%s); rebuilding it", path, exc)
         else:
             packed_shape = (n_masks, shape[0], shape[1], (shape[2] + 7) // 8)
-            if _matches(path, packed_shape, np.dtype(np.uint8)):
+            if sidecar_matches(path, packed_shape, np.dtype(np.uint8)):
                 return path, n_masks
     masks = load_masks(npz)
     if masks.shape[1:] != shape:
         raise DataError(npz, f"mask grid {masks.shape[1:]} differs from the volume's {shape}")
-    _save_npy_atomic(path, np.packbits(masks, axis=-1))
+    save_npy_atomic(path, np.packbits(masks, axis=-1))
     return path, int(masks.shape[0])
 
 

@@ -40,6 +40,7 @@ from omnienc.errors import DataError
 from omnienc.preprocessing import Preprocessing
 from omnienc.pretext.augment import ViewConfig, augment_sample, augment_views, draw_view_params
 from omnienc.pretext.corpus import CachedVolume, InMemoryVolume, cached_volume
+from omnienc.pretext.crossvolume import CrossConfig, PartnerViews, corpus_partners
 from omnienc.pretext.masks import MaskConfig, compute_folder_masks, propose_masks
 from omnienc.pretext.pairs import PairConfig, sample_pair
 
@@ -77,6 +78,8 @@ class DataConfig:
             ``voxels`` (in proportion to its preprocessed voxels, so that every voxel of the
             corpus is as likely to be seen: a large scan is no longer drawn as often as a
             small crop). MedMNIST cubes keep ``medmnist_fraction`` either way.
+        cross: Cross-volume pairs (:mod:`omnienc.pretext.crossvolume`): groups of scans that
+            pair, registered once; default none.
     """
 
     roots: list[str] = field(default_factory=lambda: ["volumes"])
@@ -97,6 +100,7 @@ class DataConfig:
     mask_workers: int = 1
     augment_on: str = "auto"
     volume_weights: str = "equal"
+    cross: CrossConfig = field(default_factory=CrossConfig)
 
     def __post_init__(self) -> None:
         if self.augment_on not in AUGMENT_ON:
@@ -156,6 +160,8 @@ class PairDataset(Dataset):
             :func:`omnienc.pretext.augment.augment_views` to apply after the transfer.
         view: Probabilities and ranges of the views (default
             :class:`~omnienc.pretext.augment.ViewConfig`).
+        partners: Cross-volume partner views: a share of the samples takes its query crop from
+            one (:class:`~omnienc.pretext.crossvolume.PartnerViews`).
 
     Items are dicts of tensors: ``ref_image``/``query_image`` ``(1, S, S, S)`` float32,
     ``ref_masks``/``query_masks`` ``(T, S, S, S)`` float32, ``task_valid`` ``(T,)`` bool, and
@@ -170,6 +176,7 @@ class PairDataset(Dataset):
         seed: int,
         augment: bool = True,
         view: ViewConfig | None = None,
+        partners: PartnerViews | None = None,
     ) -> None:
         if not volumes:
             raise ValueError("PairDataset needs at least one volume")
@@ -179,13 +186,15 @@ class PairDataset(Dataset):
         self.seed = seed
         self.augment = augment
         self.view = view or ViewConfig()
+        self.partners = partners
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
-        v = int(rng.choice(len(self.volumes), p=self.weights))
+        cross = self.partners.draw(rng) if self.partners is not None else None
+        v, other = cross if cross else (int(rng.choice(len(self.volumes), p=self.weights)), None)
         image, masks = self.volumes[v].open()
-        pair = sample_pair(image, masks, self.pair, rng)
-        del image, masks  # unmaps the volume: only the crops stay
+        pair = sample_pair(image, masks, self.pair, rng, query_source=other)
+        del image, masks, other  # unmaps the volumes: only the crops stay
         params = draw_view_params(rng, self.pair.crop_size, self.view)
         item = {
             key: torch.as_tensor(np.ascontiguousarray(value)).reshape(np.shape(value))
@@ -306,6 +315,7 @@ class PretrainDataModule(pl.LightningDataModule):
             return
         volumes: list[Volume] = []
         voxels: list[int] = []
+        spacings: list[tuple[float, float, float]] = []
         for folder in self.volume_folders(progress=False):
             results = compute_folder_masks(
                 folder, self.config.masks, self.cache_dir(), workers=1, progress=False
@@ -315,8 +325,10 @@ class PretrainDataModule(pl.LightningDataModule):
                 mask_file = by_source[entry.source].cache_file
                 volumes.append(cached_volume(entry.cache_file, mask_file, entry.preprocessed_shape))
                 voxels.append(int(np.prod(entry.preprocessed_shape)))
+                spacings.append(self.config.preprocessing.spacing or entry.spacing)
                 self.sources.append(entry.source)
         n_volumes = len(volumes)
+        partners = corpus_partners(volumes, self.sources, spacings, self.config.cross)
         if self.config.volume_weights == "voxels" and n_volumes:
             weights = np.asarray(voxels, np.float64) / float(sum(voxels))
         else:
@@ -334,7 +346,12 @@ class PretrainDataModule(pl.LightningDataModule):
             sum(v.n_masks for v in volumes),
         )
         self.dataset = PairDataset(
-            volumes, weights, self.config.pair, seed=self.seed, view=self.config.view
+            volumes,
+            weights,
+            self.config.pair,
+            seed=self.seed,
+            view=self.config.view,
+            partners=partners,
         )
         trainer = getattr(self, "trainer", None)
         self.sampler = StepBatchSampler(

@@ -158,6 +158,7 @@ def sample_pair(
     masks: np.ndarray | PackedMasks,
     config: PairConfig,
     rng: np.random.Generator,
+    query_source: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Draw a reference/query crop pair of one volume and its tasks (MASS's pretext sample).
 
@@ -174,6 +175,10 @@ def sample_pair(
             result is the same); ``M`` may be 0.
         config: Crop size, overlap and task settings.
         rng: Source of randomness (e.g. ``np.random.default_rng(seed)``).
+        query_source: ``(1, X, Y, Z)`` float32 on ``image``'s grid to crop the query image from
+            instead of ``image`` (a registered partner scan,
+            :mod:`omnienc.pretext.crossvolume`); the crops, tasks and targets are drawn as
+            without it, from ``masks``.
 
     Returns:
         A dict of numpy arrays, with ``S = crop_size`` and ``T = config.num_tasks``:
@@ -196,6 +201,8 @@ def sample_pair(
         raise ValueError(
             f"masks must be (M, {', '.join(map(str, image.shape[1:]))}), got {masks.shape}"
         )
+    if query_source is not None and query_source.shape != image.shape:
+        raise ValueError(f"query_source must be {image.shape} as image, got {query_source.shape}")
     size = config.crop_size
     pad_low = np.array([max(s - n, 0) // 2 for n, s in zip(image.shape[1:], size, strict=True)])
     padded = any(n < s for n, s in zip(image.shape[1:], size, strict=True))
@@ -205,6 +212,8 @@ def sample_pair(
             for n, s, lo in zip(image.shape[1:], size, pad_low, strict=True)
         ]
         image = np.pad(image, widths, constant_values=float(image.min()))
+        if query_source is not None:
+            query_source = np.pad(query_source, widths, constant_values=float(image.min()))
     crop_masks: Callable[[np.ndarray], np.ndarray]
     if isinstance(masks, PackedMasks):
         packed = masks
@@ -276,7 +285,10 @@ def sample_pair(
     return {
         # Copies, never views: the volume may be a memory map that is closed after the sample.
         "ref_image": np.array(_crop(image, ref_o, size), dtype=np.float32),
-        "query_image": np.array(_crop(image, query_o, size), dtype=np.float32),
+        "query_image": np.array(
+            _crop(image if query_source is None else query_source, query_o, size),
+            dtype=np.float32,
+        ),
         "ref_masks": ref_masks,
         "query_masks": query_masks,
         "task_valid": valid,
