@@ -74,6 +74,10 @@ class CrossConfig(JsonConfig):
         z_search: Step in mm of the search over the longitudinal offset that starts the affine
             (:attr:`omnienc.registration.RegistrationConfig.z_search`; 0: none). Corpora mix
             whole scans with slabs of a few centimetres, which centring alone misplaces.
+        control: The control experiment of cross pairs: the same samples are drawn (the same
+            share, from the same volumes), but each query crop comes from the volume's own scan
+            instead of a partner, and nothing is registered. What changes against it is the
+            second subject alone.
     """
 
     config_name = "cross"
@@ -83,6 +87,7 @@ class CrossConfig(JsonConfig):
     spacing: float = 4.0
     deformable: bool = True
     z_search: float = 8.0
+    control: bool = False
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(str(p) for p in g) for g in self.groups)
@@ -265,7 +270,11 @@ def corpus_partners(
     cached = [v for v in volumes if isinstance(v, CachedVolume)]
     if len(cached) != len(volumes):
         raise ValueError("cross-volume pairs need cached volumes only (no MedMNIST cubes)")
-    views = partner_views(cached, spacings, partner_indices(sources, config.groups), config)
+    partners = partner_indices(sources, config.groups)
+    if config.control:
+        views = [[v.image_file] if p else [] for v, p in zip(cached, partners, strict=True)]
+    else:
+        views = partner_views(cached, spacings, partners, config)
     logger.info("cross-volume pairs: %d partner views", sum(map(len, views)))
     return PartnerViews(views, config.fraction)
 

@@ -164,7 +164,7 @@ def test_partner_views_draw_their_share_from_the_volumes_with_partners(tmp_path:
         PartnerViews([[str(view)]], 1.0).draw(np.random.default_rng(0))
 
 
-def _module(root: Path, cache: Path, groups) -> PretrainDataModule:
+def _module(root: Path, cache: Path, groups, control: bool = False) -> PretrainDataModule:
     cfg = DataConfig(
         batch_size=2,
         steps_per_epoch=1,
@@ -172,7 +172,7 @@ def _module(root: Path, cache: Path, groups) -> PretrainDataModule:
         preprocessing=Preprocessing(spacing=SPACING),
         cache_dir=str(cache),
         augment_on="cpu",
-        cross=CrossConfig(groups=groups, fraction=1.0),
+        cross=CrossConfig(groups=groups, fraction=1.0, control=control),
     )
     return PretrainDataModule(cfg, data_root=root, seed=0)
 
@@ -198,5 +198,13 @@ def test_the_data_module_registers_its_groups_and_serves_cross_pairs(volumes, tm
     assert all(Path(v[0]).exists() for v in dm.dataset.partners.views if v)
     batch = next(iter(dm.train_dataloader()))
     assert batch["query_image"].shape == (2, 1, 24, 24, 24)
+    # The control draws the same samples with each query from the volume's own scan.
+    control = _module(tmp_path, tmp_path / "cache", [["ct/*.nii.gz"]], control=True)
+    control.setup()
+    assert control.dataset is not None and control.dataset.partners is not None
+    assert control.dataset.partners.views == [
+        [v.image_file] if views else []
+        for v, views in zip(control.dataset.volumes, dm.dataset.partners.views, strict=True)
+    ]
     with pytest.raises(ValueError, match="'mr/\\*' matches no volume"):
         _module(tmp_path, tmp_path / "cache", [["mr/*"]]).setup()
