@@ -140,7 +140,12 @@ def describe(config: RegistrationConfig) -> str:
     return (
         f"{d['spacing']:g} mm working grid; affine: moments initialisation, Mattes MI "
         f"({d['histogram_bins']} bins, {100 * d['sampling']:g}% of voxels, seed {d['seed']}), "
-        f"regular-step gradient descent, <= {d['affine_iterations']} iterations at shrink "
+        + (
+            f"started from the best longitudinal offset ({d['z_search']:g} mm steps), "
+            if d["z_search"] > 0
+            else ""
+        )
+        + f"regular-step gradient descent, <= {d['affine_iterations']} iterations at shrink "
         f"{list(d['affine_shrink'])}; deformable: fast symmetric-forces demons, "
         f"{list(d['demons_iterations'])} iterations at shrink {list(d['demons_shrink'])} (field "
         f"sigma {d['demons_sigma']:g} mm) after histogram matching; nearest-neighbour warp of the "

@@ -189,12 +189,21 @@ def _metric(cfg: RegistrationConfig) -> sitk.ImageRegistrationMethod:
     return reg
 
 
-def _z_offsets(fixed: sitk.Image, moving: sitk.Image, step: float) -> np.ndarray:
-    """Offsets (mm) that slide the shorter scan along the longer one, centred on 0."""
+def _z_translations(fixed: sitk.Image, moving: sitk.Image, step: float) -> np.ndarray:
+    """Longitudinal translations (mm, fixed to moving) that keep the shorter scan in the longer.
+
+    Centred on the translation that aligns the two scans' geometric centres (not their centres
+    of mass, which a tapering or partly empty scan moves off centre), in steps of ``step``. The
+    third voxel axis is taken as the longitudinal world axis (as on RAS grids).
+    """
     extents = [img.GetSize()[2] * img.GetSpacing()[2] for img in (fixed, moving)]
+    centres = [
+        img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in img.GetSize()])[2]
+        for img in (fixed, moving)
+    ]
     half = abs(extents[0] - extents[1]) / 2.0
     n = int(np.floor(half / step))
-    return step * np.arange(-n, n + 1, dtype=np.float64)
+    return centres[1] - centres[0] + step * np.arange(-n, n + 1, dtype=np.float64)
 
 
 def _initial(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig) -> sitk.Transform:
@@ -204,14 +213,13 @@ def _initial(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig) -> 
             fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
         )
     )
-    offsets = _z_offsets(fixed, moving, cfg.z_search) if cfg.z_search > 0 else np.zeros(1)
-    if len(offsets) == 1:
+    if cfg.z_search <= 0:
         return init
     best, best_value = init, np.inf
-    base = np.asarray(init.GetTranslation())
-    for dz in offsets:
+    tx, ty, _ = init.GetTranslation()
+    for tz in _z_translations(fixed, moving, cfg.z_search):
         candidate = sitk.AffineTransform(init)
-        candidate.SetTranslation([float(v) for v in base + np.array([0.0, 0.0, dz])])
+        candidate.SetTranslation([float(tx), float(ty), float(tz)])
         reg = _metric(cfg)
         reg.SetInitialTransform(candidate)
         try:

@@ -53,6 +53,10 @@ from omnienc.registration import (
 logger = logging.getLogger("omnienc")
 
 VIEW_SUFFIX = ".view.npy"
+VIEW_VERSION = 2
+"""Part of every view's cache key: raised when :func:`partner_view` changes what it makes."""
+LOW_COVERAGE = 0.25
+"""A partner reaching less of a volume than this is warned about: its pairs barely cross."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,10 @@ class CrossConfig(JsonConfig):
         z_search: Step in mm of the search over the longitudinal offset that starts the affine
             (:attr:`omnienc.registration.RegistrationConfig.z_search`; 0: none). Corpora mix
             whole scans with slabs of a few centimetres, which centring alone misplaces.
-        control: The control experiment of cross pairs: the same samples are drawn (the same
-            share, from the same volumes), but each query crop comes from the volume's own scan
-            instead of a partner, and nothing is registered. What changes against it is the
-            second subject alone.
+        control: The control experiment of cross pairs: the same share of samples from the
+            same volumes, but each query crop comes from the volume's own scan instead of a
+            partner, and nothing is registered. Where every volume has one partner the samples
+            are the cross run's (same crops), so only the second subject changes.
     """
 
     config_name = "cross"
@@ -90,6 +94,10 @@ class CrossConfig(JsonConfig):
     control: bool = False
 
     def __post_init__(self) -> None:
+        if any(isinstance(g, str) for g in self.groups):
+            raise ValueError(
+                f"cross.groups must be a list of lists of path patterns, got {list(self.groups)}"
+            )
         groups = tuple(tuple(str(p) for p in g) for g in self.groups)
         object.__setattr__(self, "groups", groups)
         if not 0.0 <= float(self.fraction) <= 1.0:
@@ -190,7 +198,7 @@ def partner_view(
         float("nan"),
         sitk.sitkFloat32,
     )
-    view = sitk.GetArrayFromImage(warped).transpose(2, 1, 0)[None]
+    view = np.ascontiguousarray(sitk.GetArrayFromImage(warped).transpose(2, 1, 0)[None])
     outside = np.isnan(view)
     view[outside] = np.asarray(image)[outside]
     return view.astype(np.float32, copy=False), 1.0 - float(outside.mean())
@@ -199,7 +207,9 @@ def partner_view(
 def _view_file(image_file: str, partner_file: str, config: RegistrationConfig) -> Path:
     """``KEY-x-DIGEST.view.npy`` beside the volume's image sidecar ``KEY.image.npy``."""
     path = Path(image_file)
-    key = json.dumps([path.name, Path(partner_file).name, config.to_dict()], sort_keys=True)
+    key = json.dumps(
+        [VIEW_VERSION, path.name, Path(partner_file).name, config.to_dict()], sort_keys=True
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return path.with_name(f"{path.name.split('.')[0]}-x-{digest}{VIEW_SUFFIX}")
 
@@ -237,13 +247,22 @@ def partner_views(
     for i, j, f in tqdm(todo, desc="registering cross-volume partners", disable=not progress):
         image = np.load(volumes[i].image_file, allow_pickle=False)
         partner = np.load(volumes[j].image_file, allow_pickle=False)
-        view, coverage = partner_view(image, spacings[i], partner, spacings[j], reg)
+        try:
+            view, coverage = partner_view(image, spacings[i], partner, spacings[j], reg)
+        except RuntimeError as exc:  # SimpleITK's errors name no file
+            raise DataError(
+                volumes[i].image_file,
+                f"cannot register the cross-volume partner {volumes[j].image_file} onto it "
+                f"({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})",
+            ) from None
         save_npy_atomic(f, view)
-        logger.info(
-            "cross-volume partner %s onto %s: reaches %.0f%% of it",
+        log = logger.warning if coverage < LOW_COVERAGE else logger.info
+        log(
+            "cross-volume partner %s onto %s: reaches %.0f%% of it%s",
             Path(volumes[j].image_file).name,
             Path(volumes[i].image_file).name,
             100 * coverage,
+            " (its pairs mostly crop the volume itself)" if coverage < LOW_COVERAGE else "",
         )
     return [[str(f) for f in fs] for fs in files]
 
@@ -263,9 +282,10 @@ def corpus_partners(
         config: The cross-pair settings.
 
     Returns:
-        The views, or ``None`` without ``config.groups``.
+        The views, or ``None`` without ``config.groups`` or with a zero ``fraction`` (nothing
+        is registered then).
     """
-    if not config.groups:
+    if not config.groups or config.fraction <= 0.0:
         return None
     cached = [v for v in volumes if isinstance(v, CachedVolume)]
     if len(cached) != len(volumes):
@@ -308,5 +328,5 @@ class PartnerViews:
         path = self.views[volume][int(rng.integers(len(self.views[volume])))]
         try:
             return volume, np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise DataError(path, f"cannot map the cross-volume partner view ({exc})") from None

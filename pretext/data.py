@@ -194,7 +194,7 @@ class PairDataset(Dataset):
         v, other = cross if cross else (int(rng.choice(len(self.volumes), p=self.weights)), None)
         image, masks = self.volumes[v].open()
         pair = sample_pair(image, masks, self.pair, rng, query_source=other)
-        del image, masks, other  # unmaps the volumes: only the crops stay
+        del image, masks, other, cross  # unmaps the volumes: only the crops stay
         params = draw_view_params(rng, self.pair.crop_size, self.view)
         item = {
             key: torch.as_tensor(np.ascontiguousarray(value)).reshape(np.shape(value))

@@ -213,7 +213,7 @@ def sample_pair(
         ]
         image = np.pad(image, widths, constant_values=float(image.min()))
         if query_source is not None:
-            query_source = np.pad(query_source, widths, constant_values=float(image.min()))
+            query_source = np.pad(query_source, widths, constant_values=float(query_source.min()))
     crop_masks: Callable[[np.ndarray], np.ndarray]
     if isinstance(masks, PackedMasks):
         packed = masks

@@ -9,18 +9,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from omnienc.errors import DataError
 from omnienc.preprocessing import Preprocessing
-from omnienc.pretext.corpus import CachedVolume, PackedMasks, save_npy_atomic
+from omnienc.pretext.corpus import CachedVolume, InMemoryVolume, PackedMasks, save_npy_atomic
 from omnienc.pretext.crossvolume import (
     CrossConfig,
     PartnerViews,
+    corpus_partners,
     partner_indices,
     partner_view,
     partner_views,
 )
-from omnienc.pretext.data import DataConfig, PretrainDataModule
+from omnienc.pretext.data import DataConfig, PairDataset, PretrainDataModule
 from omnienc.pretext.pairs import PairConfig, sample_pair
 from omnienc.registration import RegistrationConfig
 
@@ -57,6 +59,7 @@ def test_groups_that_match_too_little_are_refused():
         ({"spacing": 0.0}, "spacing must be > 0"),
         ({"z_search": -1.0}, "z_search must be >= 0"),
         ({"groups": [["a", ""]]}, "non-empty path patterns"),
+        ({"groups": ["ct/*"]}, "a list of lists of path patterns"),
     ],
 )
 def test_cross_config_is_checked(kwargs, message):
@@ -140,8 +143,9 @@ def test_the_query_crop_comes_from_the_source_and_the_tasks_do_not_change(shape)
     crossed = sample_pair(image, masks, config, np.random.default_rng(5), query_source=source)
     for key in ("ref_image", "ref_masks", "query_masks", "task_valid", "query_origin"):
         np.testing.assert_array_equal(crossed[key], plain[key])
-    inside = plain["query_image"] > image.min()  # padding is the image minimum in both
+    inside = plain["query_image"] > image.min()  # padding: each array's own minimum
     np.testing.assert_allclose(crossed["query_image"][inside], plain["query_image"][inside] + 10)
+    np.testing.assert_allclose(crossed["query_image"][~inside], source.min())
     with pytest.raises(ValueError, match="query_source must be"):
         sample_pair(image, masks, config, rng, query_source=source[:, :-1])
 
@@ -162,6 +166,43 @@ def test_partner_views_draw_their_share_from_the_volumes_with_partners(tmp_path:
     view.write_bytes(b"not a npy")
     with pytest.raises(DataError, match=r"v\.view\.npy.*cannot map the cross-volume partner"):
         PartnerViews([[str(view)]], 1.0).draw(np.random.default_rng(0))
+
+
+def test_a_partner_that_cannot_be_registered_names_both_files(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    vols = [
+        _cached(tmp_path, "scan", rng.random((1, 40, 40, 40), dtype=np.float32)),
+        _cached(tmp_path, "blank", np.zeros((1, 8, 8, 8), np.float32)),
+    ]
+    with pytest.raises(DataError, match=r"scan\.image\.npy: cannot register .*blank\.image\.npy"):
+        partner_views(vols, [SPACING] * 2, [[1], []], CrossConfig(), progress=False)
+
+
+def test_without_a_share_the_sample_stream_is_the_one_without_cross_pairs(
+    ct: np.ndarray, tmp_path: Path
+):
+    cube = ct[:, 20:60, 20:60, 40:80]
+    masks = np.zeros((2, *cube.shape[1:]), bool)
+    masks[0, 5:25, 5:25, 5:25] = masks[1, 15:, 10:30, :] = True
+    vols = [InMemoryVolume(cube, masks), InMemoryVolume(cube[:, ::-1].copy(), masks[:, ::-1])]
+    view = tmp_path / "v.view.npy"
+    np.save(view, cube + 1.0)
+    pair = PairConfig(crop_size=(16, 16, 16), max_tasks=2, min_task_voxels=8)
+
+    def items(partners):
+        ds = PairDataset(vols, np.ones(2), pair, seed=3, partners=partners)
+        return [ds[i] for i in range(6)]
+
+    for a, b in zip(items(None), items(PartnerViews([[str(view)], []], 0.0)), strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
+    crossed = items(PartnerViews([[str(view)], []], 1.0))
+    assert any(
+        not torch.equal(a["query_image"], c["query_image"])
+        for a, c in zip(items(None), crossed, strict=True)
+    )
+    # A zero share registers nothing at all.
+    assert corpus_partners([], [], [], CrossConfig(groups=[["a", "b"]], fraction=0.0)) is None
 
 
 def _module(root: Path, cache: Path, groups, control: bool = False) -> PretrainDataModule:
