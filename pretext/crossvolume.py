@@ -157,8 +157,9 @@ def partner_indices(sources: Sequence[str], groups: Sequence[Sequence[str]]) -> 
     return [sorted(p) for p in partners]
 
 
-def _grid(array: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
-    return to_sitk(array, np.diag([*map(float, spacing), 1.0]))
+def _grid_affine(spacing: Sequence[float]) -> np.ndarray:
+    """``(4, 4)`` voxel-to-world matrix of a preprocessed volume: its spacing, origin 0."""
+    return np.diag([*map(float, spacing), 1.0])
 
 
 def partner_view(
@@ -185,14 +186,12 @@ def partner_view(
         ``(view, coverage)``: the ``(1, X, Y, Z)`` float32 view (the partner where it reaches,
         ``image`` elsewhere) and the fraction of voxels the partner reaches.
     """
-    fixed = working_image(image[0], np.diag([*map(float, spacing), 1.0]), "MR", config.spacing)
-    moving = working_image(
-        partner[0], np.diag([*map(float, partner_spacing), 1.0]), "MR", config.spacing
-    )
+    fixed = working_image(image[0], _grid_affine(spacing), "MR", config.spacing)
+    moving = working_image(partner[0], _grid_affine(partner_spacing), "MR", config.spacing)
     reg = register_atlas(moving, fixed, config)
     warped = sitk.Resample(
-        _grid(np.asarray(partner[0], np.float32), partner_spacing),
-        _grid(np.zeros(image.shape[1:], np.float32), spacing),
+        to_sitk(np.asarray(partner[0], np.float32), _grid_affine(partner_spacing)),
+        to_sitk(np.zeros(image.shape[1:], np.float32), _grid_affine(spacing)),
         reg.transform,
         sitk.sitkLinear,
         float("nan"),
